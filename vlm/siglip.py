@@ -1,0 +1,333 @@
+"""SigLIP vision transformer, written from scratch in plain PyTorch.
+
+References
+- Zhai et al., "Sigmoid Loss for Language Image Pre-Training" (SigLIP), 2023.
+- Dosovitskiy et al., "An Image is Worth 16x16 Words" (ViT), 2021: patches as tokens, pre-LN encoder.
+- Hugging Face `transformers` `SiglipVisionModel`: the reference this file is tested against, numerically.
+
+Module and parameter names equal the Hugging Face checkpoint keys (minus the `vision_model.` prefix), so
+loading a real checkpoint is "strip the prefix, strict `load_state_dict`" (see `vlm/weights.py`).
+
+Deliberate deviations from the reference
+- No attention-backend registry: one `Attention.forward` with two plain paths, fused
+  `scaled_dot_product_attention` (default) and an eager path that also returns the attention weights.
+- The pooling head's attention is written out instead of calling `nn.MultiheadAttention`; it keeps that
+  module's parameter names (`in_proj_weight`, `in_proj_bias`, `out_proj`) so checkpoints load unchanged,
+  and it can return the probe's attention over the patches (the demo's heatmap).
+- q/k/v run as one matmul on a concatenation of the three weights: one large GEMM keeps both cores busier
+  than three small ones, while the checkpoint keeps its three separate projections.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # only for type hints: the tower itself never imports the layers above it
+    from PIL import Image
+
+_ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP's choice
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+@dataclass(frozen=True)
+class SiglipVisionConfig:
+    """Shape of a SigLIP vision tower. Field names are Hugging Face's `SiglipVisionConfig` keys.
+
+    Defaults are `google/siglip-base-patch16-224`.
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    vision_use_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SiglipVisionConfig:
+        """Build from a Hugging Face `config.json` dict: a `SiglipModel` (reads its `vision_config`) or a
+        `SiglipVisionModel` (top level). Keys this tower does not use (ids, dtypes, ...) are ignored."""
+        if "vision_config" in d:
+            d = d["vision_config"] or {}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SiglipVisionOutput:
+    """What the encoder returns; attribute names follow `transformers`' `BaseModelOutputWithPooling`."""
+
+    last_hidden_state: torch.Tensor  # (B, N, D), after post_layernorm
+    pooler_output: torch.Tensor | None = None  # (B, D), None when the model has no head
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer's output: L + 1 of (B, N, D)
+    attentions: tuple[torch.Tensor, ...] | None = None  # each layer's weights: L of (B, heads, N, N)
+    head_attentions: torch.Tensor | None = None  # the pooling probe's weights over patches: (B, heads, N)
+
+
+class SiglipVisionEmbeddings(nn.Module):
+    """Patches -> tokens: a Conv2d with kernel = stride = patch is one linear map per patch."""
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.grid = config.image_size // config.patch_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+
+    def position_grid(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a (height // patch) x (width // patch) grid: (1, N, D).
+
+        The learned grid is square; other sizes get a bicubic resize of it, as the reference does."""
+        weight = self.position_embedding.weight  # (grid*grid, D)
+        rows, cols = height // self.patch_size, width // self.patch_size
+        if (rows, cols) == (self.grid, self.grid):
+            return weight.unsqueeze(0)
+        dim = weight.shape[-1]
+        grid = weight.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, h, w)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, N, D), row-major over the patch grid
+        if interpolate_pos_encoding:
+            return tokens + self.position_grid(height, width)
+        if tokens.shape[1] != self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"a {height}x{width} image gives {tokens.shape[1]} patches but the model has "
+                f"{self.position_embedding.num_embeddings} positions ({self.grid}x{self.grid}); resize the "
+                "image or pass interpolate_pos_encoding=True"
+            )
+        return tokens + self.position_embedding.weight.unsqueeze(0)
+
+
+class SiglipAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (the checkpoint's layout)."""
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(
+        self, x: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, D = x.shape
+        # One GEMM for q, k and v (see module docstring), then split heads: 3 x (B, heads, N, head_dim).
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions:
+            # Eager path: the weights are wanted (visualisations); softmax in fp32 as the reference does.
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            out = F.dropout(weights, p=dropout, training=self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, heads * head_dim)
+        return self.out_proj(out), weights
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiglipEncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config)
+
+    def forward(
+        self, x: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.self_attn(self.layer_norm1(x), output_attentions)
+        x = x + attn
+        x = x + self.mlp(self.layer_norm2(x))
+        return x, weights
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class SiglipMultiheadAttentionPoolingHead(nn.Module):
+    """MAP head: one learned probe token attends over all patches, then a residual MLP.
+
+    Parameter names are those of `nn.MultiheadAttention` (`attention.in_proj_weight` stacks Wq; Wk; Wv),
+    which is what the checkpoints hold."""
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.probe = nn.Parameter(torch.randn(1, 1, d))
+        self.attention = nn.Module()
+        self.attention.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
+        self.attention.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.attention.out_proj = nn.Linear(d, d)
+        nn.init.xavier_uniform_(self.attention.in_proj_weight)  # nn.MultiheadAttention's init
+        self.layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, D) -> pooled (B, D) and the probe's attention weights (B, heads, N)."""
+        B, N, D = x.shape
+        h, hd = self.num_heads, D // self.num_heads
+        wq, wk, wv = self.attention.in_proj_weight.chunk(3)
+        bq, bk, bv = self.attention.in_proj_bias.chunk(3)
+        q = F.linear(self.probe, wq, bq).view(1, 1, h, hd).transpose(1, 2)  # (1, heads, 1, hd)
+        k = F.linear(x, wk, bk).view(B, N, h, hd).transpose(1, 2)  # (B, heads, N, hd)
+        v = F.linear(x, wv, bv).view(B, N, h, hd).transpose(1, 2)
+        weights = ((q @ k.transpose(-2, -1)) / math.sqrt(hd)).softmax(dim=-1)  # (B, heads, 1, N)
+        pooled = (weights @ v).transpose(1, 2).reshape(B, 1, D)
+        pooled = self.attention.out_proj(pooled)
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0], weights[:, :, 0]
+
+
+class SiglipVisionEncoder(nn.Module):
+    """The SigLIP vision tower: embeddings -> L pre-LN layers -> post_layernorm (-> MAP head).
+
+    `encoder(pixel_values)` returns a `SiglipVisionOutput` with `.last_hidden_state` (B, N, D) and
+    `.pooler_output` (B, D), or None when `config.vision_use_head` is False.
+    """
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = SiglipVisionEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = SiglipMultiheadAttentionPoolingHead(config) if config.vision_use_head else None
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> SiglipVisionOutput:
+        """pixel_values: (B, C, H, W), normalised as `vlm.processing` does (mean = std = 0.5)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must be (B, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}"
+            )
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)
+        hidden_states, attentions = [x], []
+        for layer in self.encoder.layers:
+            x, weights = layer(x, output_attentions)
+            hidden_states.append(x)
+            attentions.append(weights)
+        x = self.post_layernorm(x)
+        pooled, head_weights = self.head(x) if self.head is not None else (None, None)
+        return SiglipVisionOutput(
+            last_hidden_state=x,
+            pooler_output=pooled,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            head_attentions=head_weights if output_attentions else None,
+        )
+
+    # Conveniences in the style users know from transformers. They delegate to the layers above the tower
+    # (weights, processing), imported at call time so the tower itself stays plain torch.
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> SiglipVisionEncoder:
+        """Load a `SiglipModel` or `SiglipVisionModel` checkpoint (hub id or local folder), strictly."""
+        from vlm.weights import load_vision_encoder
+
+        return load_vision_encoder(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` in the `SiglipVisionModel` format."""
+        from vlm.weights import save_vision_encoder
+
+        save_vision_encoder(self, directory)
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        images: torch.Tensor | Sequence[Image.Image | str | Path],
+        pooled: bool = True,
+        batch_size: int = 32,
+    ) -> torch.Tensor:
+        """Images (PIL images, file paths, or a preprocessed (B, C, H, W) tensor) -> embeddings.
+
+        Returns (B, D) pooled embeddings (the MAP head's output; the mean of the patch tokens when the
+        model has no head), or (B, N, D) patch embeddings with `pooled=False`."""
+        if not isinstance(images, torch.Tensor):
+            from vlm.processing import SiglipImageProcessor
+
+            images = SiglipImageProcessor(self.config.image_size)(images)
+        param = next(self.parameters())
+        outs = []
+        for batch in images.split(batch_size):
+            out = self(batch.to(param.device, param.dtype))
+            if not pooled:
+                outs.append(out.last_hidden_state)
+            else:
+                outs.append(out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1))
+        return torch.cat(outs).float()

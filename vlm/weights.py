@@ -1,0 +1,218 @@
+"""Strict safetensors loading and saving with Hugging Face key names.
+
+A checkpoint is a folder (or a hub id resolved to one) holding `config.json` and `model.safetensors`, or
+shards listed in `model.safetensors.index.json`. Weights are read with `safetensors` only: pickle files
+(`pytorch_model.bin`, `*.pt`) are refused, never unpickled, because unpickling runs arbitrary code.
+
+Loading is "strip the prefix, strict `load_state_dict`" (big_vision's `merge_params` habit): a checkpoint
+that does not fit raises one `CheckpointError` listing the missing keys, the unexpected keys and the shape
+mismatches; what is skipped on purpose (a SigLIP text tower when only the vision tower is wanted) is named
+in an explicit ignore list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Key prefixes of the vision tower in the checkpoints we read: `SiglipModel` and `SiglipVisionModel` as
+# saved by transformers 4.x ("vision_model."), and `SiglipVisionModel` as saved by transformers 5 (none).
+VISION_PREFIX = "vision_model."
+# A `SiglipModel` checkpoint also holds these; a vision encoder skips them on purpose.
+NOT_VISION = ("text_model.", "logit_scale", "logit_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: missing, pickle-only, wrong keys or shapes."""
+
+
+def resolve_checkpoint(name_or_path: str | Path, allow_patterns: Iterable[str] | None = None) -> Path:
+    """A local folder as is, or a hub id resolved to a local snapshot (cache first, network if allowed).
+
+    Anything that looks like a filesystem path (absolute, `./`, `~`, or existing) is never sent to the hub,
+    so a typo in a local path fails at once with a clear message instead of a network error."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a checkpoint folder (config.json + {SAFETENSORS})")
+        return path
+    text = str(name_or_path)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"no checkpoint folder at {text} (and it is not a hub id of the form org/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = list(allow_patterns or ["config.json", "*.safetensors", SAFETENSORS_INDEX])
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as err:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CheckpointError(
+            f"{text} is not a local folder and the hub could not provide it ({type(err).__name__}: {err}). "
+            "Without a network, pass a local folder holding config.json + model.safetensors."
+        ) from err
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+
+
+def safetensors_files(folder: Path) -> dict[str, Path] | list[Path]:
+    """The weight files of a checkpoint: the index's key -> shard map when sharded, else one file."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: folder / shard for key, shard in weight_map.items()}
+    if (folder / SAFETENSORS).is_file():
+        return [folder / SAFETENSORS]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); vlm reads safetensors only and never "
+            "unpickles files (that can run arbitrary code). Convert them once in a trusted environment, e.g. "
+            "transformers' `Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`."
+        )
+    raise CheckpointError(f"{folder} has no {SAFETENSORS} (nor {SAFETENSORS_INDEX})")
+
+
+def read_safetensors(folder: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    """Read the tensors whose key passes `keep`, opening only the shards that hold such keys."""
+    files = safetensors_files(folder)
+    if isinstance(files, dict):
+        shards = sorted({shard for key, shard in files.items() if keep(key)})
+    else:
+        shards = files
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(
+                f"shard {shard.name} listed in {SAFETENSORS_INDEX} is missing from {folder}"
+            )
+        try:
+            with safe_open(shard, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if keep(key):
+                        state[key] = f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as err:  # a header that does not parse, a truncated file
+            raise CheckpointError(f"{shard} is not a readable safetensors file: {err}") from err
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`load_state_dict(strict=True)` with one error that lists every problem at once, sorted."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected.keys() & state.keys()
+        if state[key].shape != expected[key].shape
+    )
+    problems = [
+        (title, items)
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if items
+    ]
+    if problems:
+        lines = [f"{what} does not fit the model:"]
+        for title, items in problems:
+            lines.append(
+                f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+            )
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+
+
+def vision_config_from(config: dict[str, Any], folder: Path) -> SiglipVisionConfig:
+    model_type = config.get("model_type")
+    if model_type not in ("siglip", "siglip_vision_model"):
+        raise CheckpointError(
+            f"{folder} holds a {model_type!r} checkpoint; expected a SigLIP one "
+            "(model_type 'siglip' or 'siglip_vision_model')"
+        )
+    try:
+        return SiglipVisionConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/config.json has an invalid vision config: {err}") from err
+
+
+def vision_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors with the checkpoint prefix stripped; text-tower keys skipped on purpose."""
+    state = read_safetensors(folder, keep=lambda key: not key.startswith(NOT_VISION))
+    if not any(key.startswith(VISION_PREFIX) for key in state):
+        return state  # the transformers 5 `SiglipVisionModel` layout: keys equal ours
+    stray = sorted(key for key in state if not key.startswith(VISION_PREFIX))
+    if stray:  # a prefixed checkpoint with unprefixed extras: never let them shadow the real keys
+        raise CheckpointError(
+            f"{folder} mixes {VISION_PREFIX}* keys with unexpected ones: {', '.join(stray[:20])}"
+        )
+    return {key.removeprefix(VISION_PREFIX): value for key, value in state.items()}
+
+
+def load_vision_encoder(
+    name_or_path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> SiglipVisionEncoder:
+    """Build a `SiglipVisionEncoder` from a `SiglipModel` or `SiglipVisionModel` checkpoint, strictly."""
+    folder = resolve_checkpoint(name_or_path)
+    config = vision_config_from(read_config(folder), folder)
+    encoder = SiglipVisionEncoder(config)
+    load_strict(encoder, vision_state_dict(folder), f"the vision tower in {folder}")
+    return encoder.to(device=device, dtype=dtype).eval()
+
+
+def save_vision_encoder(encoder: SiglipVisionEncoder, directory: str | Path) -> Path:
+    """Write the `SiglipVisionModel` format of transformers 5: `config.json` + unprefixed safetensors."""
+    directory = Path(directory)
+    config = {
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
+        **encoder.config.to_dict(),
+    }
+    state = {key: value.detach().contiguous().cpu() for key, value in encoder.state_dict().items()}
+    save_checkpoint(directory, config, state)
+    return directory
+
+
+def save_checkpoint(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Write config.json + model.safetensors, each to a temporary name first and then renamed into place, so
+    an interrupted save never leaves a half-written file under the real name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in (
+        (SAFETENSORS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
+        (
+            "config.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+        ),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, directory / name)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
