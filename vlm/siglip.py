@@ -96,7 +96,8 @@ class SiglipVisionOutput:
 
     last_hidden_state: torch.Tensor  # (B, N, D), after post_layernorm
     pooler_output: torch.Tensor | None = None  # (B, D), None when the model has no head
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer's output: L + 1 of (B, N, D)
+    # the embeddings and each layer's output: L + 1 of (B, N, D)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None  # each layer's weights: L of (B, heads, N, N)
     head_attentions: torch.Tensor | None = None  # the pooling probe's weights over patches: (B, heads, N)
 
@@ -329,5 +330,7 @@ class SiglipVisionEncoder(nn.Module):
             if not pooled:
                 outs.append(out.last_hidden_state)
             else:
-                outs.append(out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1))
+                outs.append(
+                    out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
+                )
         return torch.cat(outs).float()

