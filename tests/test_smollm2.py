@@ -63,3 +63,21 @@ def test_vlm_ask_with_a_bad_image_is_a_one_line_error(capsys, tmp_path, smollm2_
     bad.write_text("not an image")
     assert main(["ask", "What is it?", "--image", str(bad)]) == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_lm_through_bitsandbytes_still_answers(bits, smollm2_folder) -> None:
+    import bitsandbytes as bnb
+
+    from vlm.model import DEFAULT_CONFIG, VisionLanguageModel
+
+    lm, tokenizer = load_lm(smollm2_folder, quantization=bits)
+    layer = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
+    assert isinstance(lm.model.layers[0].self_attn.q_proj, layer)
+    model = VisionLanguageModel.build(DEFAULT_CONFIG, lm=(lm, tokenizer))
+    assert "Paris" in model.ask(None, "What is the capital of France?", max_new_tokens=12)
+
+
+def test_unknown_quantization_is_refused(smollm2_folder) -> None:
+    with pytest.raises(ValueError, match="quantization must be"):
+        load_lm(smollm2_folder, quantization="3bit")

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -123,6 +124,8 @@ def quantization_config(quantization: Quantization, compute_dtype: torch.dtype):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
+    # On CPU, int8 matmuls cast their inputs to fp16 and warn about it at every call; that is expected.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
