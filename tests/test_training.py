@@ -1,0 +1,94 @@
+"""Shared training pieces: the LR schedule, atomic checkpoints with optimizer and RNG state, metrics."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vlm.training import (
+    MetricsLog,
+    cosine_lr,
+    latest_checkpoint,
+    load_training_state,
+    plot_curves,
+    save_training_checkpoint,
+    set_lr,
+)
+
+
+def test_cosine_schedule_shape() -> None:
+    lrs = [cosine_lr(s, total_steps=110, warmup_steps=10, peak=1.0, final_ratio=0.1) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # never rises after warm-up
+
+
+def test_per_group_lr_scale() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr_scale": 0.1}], lr=1.0)
+    set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])
+
+
+def train_a_bit(model, opt, steps):
+    for _ in range(steps):
+        loss = model(torch.randn(4, 3)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_checkpoint_restores_optimizer_and_rng(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_a_bit(model, opt, 3)
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    save_training_checkpoint(tmp_path, 3, lambda d: None, opt, {"position": 12}, {"lr": 1e-2})
+    draws_after_save = (torch.rand(3), random.random())
+    torch.manual_seed(7)
+    train_a_bit(model, opt, 2)
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def resume(restore: bool) -> dict[str, torch.Tensor]:
+        model.load_state_dict(at_save)
+        fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if restore:
+            meta = load_training_state(latest_checkpoint(tmp_path), fresh)
+            assert meta["step"] == 3 and meta["state"] == {"position": 12} and meta["config"] == {"lr": 1e-2}
+            assert torch.equal(torch.rand(3), draws_after_save[0]) and random.random() == draws_after_save[1]
+        torch.manual_seed(7)
+        train_a_bit(model, fresh, 2)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    for key, value in resume(restore=True).items():  # Adam's moments and step count came back exactly
+        assert torch.equal(value, uninterrupted[key]), key
+    assert any(not torch.equal(v, uninterrupted[k]) for k, v in resume(restore=False).items())
+
+
+def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path) -> None:
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    for step in (1, 2, 3):
+        save_training_checkpoint(tmp_path, step, lambda d: None, opt, {}, {}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000003"]
+    (tmp_path / "checkpoints" / ".tmp-step-00000004-abc").mkdir()  # a save killed half-way
+    half = tmp_path / "checkpoints" / "step-00000005"
+    half.mkdir()
+    messages: list[str] = []
+    assert latest_checkpoint(tmp_path, messages.append).name == "step-00000003"
+    assert any("step-00000005" in m for m in messages)
+
+
+def test_metrics_log_and_curve(tmp_path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(5):
+        log.write(step=step, loss=1.0 / (step + 1))
+    log.write(step=4, accuracy=0.5)
+    records = log.read()
+    assert len(records) == 6 and records[-1] == {"step": 4, "accuracy": 0.5}
+    png = plot_curves(records, tmp_path / "curve.png", ("loss", "accuracy"), "run")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves([], tmp_path / "none.png", ("loss",), "empty") is None

@@ -1,0 +1,194 @@
+"""Pieces every training loop here shares: the LR schedule, fault-proof checkpoints, metrics and curves.
+
+Checkpoints are folders `step-00000100/` under a run's `checkpoints/`, written under a temporary name and
+renamed into place only when complete (a rename is atomic on one filesystem), with a `COMPLETE` marker
+written last: a crash or `kill -9` mid-save leaves a temporary folder that is never loaded. Everything is
+safetensors or JSON: optimizer state and RNG state included, so resuming never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, final_ratio: float = 0.1) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then a cosine down to `final_ratio * peak`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each param group keeps its `lr_scale` (per-module learning rates) relative to the schedule."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# -- optimizer and RNG state as safetensors + JSON --------------------------------------------------------
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    np_state = np.random.get_state()
+    meta = {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    write_model: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write `checkpoints/step-<step>/` atomically: the model (through `write_model(folder)`), optimizer,
+    RNG, loop `state` (step, data position, ...) and the resolved config. Keeps the newest `keep`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
+    try:
+        write_model(tmp)
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        meta = {"step": step, "state": state, "optimizer": opt_meta, "rng": rng_meta, "config": config}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+        (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if final.exists():  # a re-run that reached the same step again: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint, or None. Incomplete folders are reported and skipped."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    for folder in sorted(root.glob("*step-*"), reverse=True):
+        if folder.name.startswith("step-") and (folder / COMPLETE).is_file():
+            return folder
+        log(f"ignoring incomplete checkpoint {folder} (interrupted while saving)")
+    return None
+
+
+def load_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore optimizer and RNG from a checkpoint; returns its metadata (step, loop state, config)."""
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    optimizer_from_files(optimizer, load_file(folder / "optimizer.safetensors"), meta["optimizer"])
+    set_rng_state(load_file(folder / "rng.safetensors"), meta["rng"])
+    return meta
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics, one object per line, flushed at once (readable while training runs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, keys: tuple[str, ...], title: str) -> Path | None:
+    """One panel per key, against step (e.g. loss and eval accuracy). Returns None when nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, [(r["step"], r[k]) for r in records if k in r and "step" in r]) for k in keys]
+    panels = [(k, pts) for k, pts in panels if pts]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, points) in zip(axes[0], panels, strict=True):
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
