@@ -25,3 +25,13 @@ def smollm2_folder():
     from vlm.lm import DEFAULT_LM, resolve_lm_source
 
     return resolve_lm_source(DEFAULT_LM)
+
+
+@pytest.fixture(scope="session")
+def parts(smollm2_folder):
+    """(tiny random Llama LM, SmolLM2 tokenizer); `tiny.build(parts)` deep-copies them per model."""
+    from tiny import tiny_lm
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    return tiny_lm(tokenizer), tokenizer

@@ -6,58 +6,11 @@ import copy
 
 import pytest
 import torch
-from PIL import Image
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny import build, images, tiny_lm  # noqa: F401  (tiny_lm: other tests import it from here)
 
 from vlm.conversation import IGNORE_INDEX, user
-from vlm.model import VisionLanguageModel, VLMConfig
-from vlm.projector import ProjectorConfig
-from vlm.siglip import SiglipVisionConfig
+from vlm.model import VisionLanguageModel
 from vlm.weights import CheckpointError
-
-VISION = SiglipVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
-
-
-def tiny_lm(tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(1)
-    lm = LlamaForCausalLM(config).eval()
-    # Large random weights: with HF's small init every prompt greedily decodes to the same token, and the
-    # cache/batching/streaming comparisons below could not fail. These decode to varied, input-dependent text.
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
-    return lm
-
-
-@pytest.fixture(scope="module")
-def parts(smollm2_folder):
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
-    return tiny_lm(tokenizer), tokenizer
-
-
-def build(parts, **overrides) -> VisionLanguageModel:
-    lm, tokenizer = parts
-    projector = ProjectorConfig(VISION.hidden_size, lm.config.hidden_size, **overrides.pop("projector", {}))
-    config = VLMConfig(vision=VISION, projector=projector, lm_source="unused-in-tests", **overrides)
-    torch.manual_seed(2)
-    return VisionLanguageModel.build(config, lm=(copy.deepcopy(lm), copy.deepcopy(tokenizer)))
-
-
-def images(n: int) -> list[Image.Image]:
-    colours = [(255, 0, 0), (0, 128, 255), (20, 200, 20), (250, 250, 0)]
-    return [Image.new("RGB", (40 + 8 * i, 30), colours[i % 4]) for i in range(n)]
 
 
 def test_without_images_the_vlm_is_the_bare_lm(parts) -> None:
@@ -165,10 +118,36 @@ def test_save_and_load_round_trip_gives_identical_logits(parts, tmp_path) -> Non
     assert again.config == vlm.config
     batch = vlm.prepare([[user("What is it?", images(1)), {"role": "assistant", "content": "A square."}]])
     with torch.no_grad():
-        a = vlm(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels)
-        b = again(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels)
+        a = vlm(batch.input_ids, batch.attention_mask, batch.pixel_values)
+        b = again(batch.input_ids, batch.attention_mask, batch.pixel_values)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
-    assert a.loss == b.loss
+
+
+def test_loss_equals_the_lm_own_loss_over_all_logits(parts) -> None:
+    vlm = build(parts)
+    batch = vlm.prepare(
+        [
+            [user("What is it?", images(1)), {"role": "assistant", "content": "A red square, I think."}],
+            [user("And this one?", images(1)), {"role": "assistant", "content": "Blue."}],
+        ]
+    )
+    with torch.no_grad():
+        ours = vlm(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels)
+        summed = vlm(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum")
+        embeds = vlm.embed(batch.input_ids, batch.pixel_values)
+        reference = vlm.lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels)
+    torch.testing.assert_close(ours.loss, reference.loss, atol=1e-5, rtol=1e-5)
+    n_learned = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+    assert ours.logits.shape == (n_learned, vlm.lm.config.vocab_size)
+    torch.testing.assert_close(summed.loss, ours.loss * n_learned, atol=1e-4, rtol=1e-5)
+
+
+def test_system_prompt_goes_before_conversations_without_one(parts) -> None:
+    vlm = build(parts, system_prompt="Answer in one word.")
+    text = vlm.tokenizer.decode(vlm.prepare([[user("Hi")]], for_generation=True).input_ids[0])
+    assert text.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>") and "SmolLM" not in text
+    own = [{"role": "system", "content": "Be verbose."}, user("Hi")]
+    assert "Be verbose." in vlm.tokenizer.decode(vlm.prepare([own], for_generation=True).input_ids[0])
 
 
 def test_wrong_folders_fail_clearly(parts, tmp_path) -> None:

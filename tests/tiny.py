@@ -1,0 +1,51 @@
+"""A tiny random VLM for tests: tiny Llama LM (SmolLM2's real tokenizer) + tiny SigLIP tower."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlm.model import VisionLanguageModel, VLMConfig
+from vlm.projector import ProjectorConfig
+from vlm.siglip import SiglipVisionConfig
+
+VISION = SiglipVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+
+def tiny_lm(tokenizer) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    lm = LlamaForCausalLM(config).eval()
+    # Large random weights: with HF's small init every prompt greedily decodes to the same token, and the
+    # cache/batching/streaming comparisons below could not fail. These decode to varied, input-dependent text.
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
+    return lm
+
+
+def build(parts, **overrides) -> VisionLanguageModel:
+    lm, tokenizer = parts
+    projector = ProjectorConfig(VISION.hidden_size, lm.config.hidden_size, **overrides.pop("projector", {}))
+    config = VLMConfig(vision=VISION, projector=projector, lm_source="unused-in-tests", **overrides)
+    torch.manual_seed(2)
+    return VisionLanguageModel.build(config, lm=(copy.deepcopy(lm), copy.deepcopy(tokenizer)))
+
+
+def images(n: int) -> list[Image.Image]:
+    colours = [(255, 0, 0), (0, 128, 255), (20, 200, 20), (250, 250, 0)]
+    return [Image.new("RGB", (40 + 8 * i, 30), colours[i % 4]) for i in range(n)]

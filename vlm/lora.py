@@ -1,0 +1,98 @@
+"""LoRA on a `VisionLanguageModel` through peft, targeted by a regex over full module names.
+
+The adapter is injected into the whole VLM (not the bare LM), so one regex decides where LoRA goes, the
+vision tower included when asked (`vision\\.encoder\\.layers\\.\\d+\\.self_attn\\.(q|k|v|out)_proj`), and
+a regex anchored at `lm\\.` can never land on the tower by accident. The adapter folder is peft's format
+(`adapter_config.json` + `adapter_model.safetensors`) with keys named after the VLM's modules.
+
+References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021; Dettmers et al.,
+"QLoRA", 2023 (the LM in 4-bit with LoRA on top: `VisionLanguageModel.build(..., quantization="4bit")`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+
+from vlm.model import VisionLanguageModel
+from vlm.weights import CheckpointError
+
+# Every attention and MLP projection of a Llama-style LM (SmolLM2), and nothing outside `lm.`.
+LM_ALL_LINEAR = r"lm\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target: str = LM_ALL_LINEAR  # a regex, matched against full module names (re.fullmatch)
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target)
+
+
+def add_lora(model: VisionLanguageModel, settings: LoraSettings) -> list[str]:
+    """Inject LoRA adapters; returns the adapted module names. The model's freeze policy still holds for the
+    base weights, and the new LoRA weights are trainable."""
+    try:
+        inject_adapter_in_model(settings.peft_config(), model)
+    except ValueError as err:  # peft's "Target modules ... not found in the base model"
+        raise ValueError(f"LoRA target regex {settings.target!r} matches no module of the model") from err
+    model.freeze(model.config.freeze)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad = True
+    return lora_modules(model)
+
+
+def lora_modules(model: VisionLanguageModel) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def save_adapter(model: VisionLanguageModel, directory: str | Path, settings: LoraSettings) -> Path:
+    """peft's adapter format: adapter_config.json (with our settings beside it) + adapter_model.safetensors."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = settings.peft_config().to_dict()
+    config["target_modules"] = settings.target
+    config["vlm_lora"] = asdict(settings)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    return directory
+
+
+def load_adapter(model: VisionLanguageModel, directory: str | Path) -> LoraSettings:
+    """Inject and load a saved adapter, strictly: every saved LoRA weight must find its module."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{directory} is not a LoRA adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    settings = LoraSettings(**json.loads((directory / ADAPTER_CONFIG).read_text())["vlm_lora"])
+    add_lora(model, settings)
+    state = load_file(directory / ADAPTER_WEIGHTS)
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    missing = [k for k in get_peft_model_state_dict(model) if k not in state]
+    if unexpected or missing:
+        raise CheckpointError(f"{directory}: adapter keys do not fit: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return settings
+
+
+def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
+    """Fold every LoRA update into its base weight (W + B A * alpha / r) and remove the adapter modules,
+    leaving a plain model with the same outputs."""
+    for name in lora_modules(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        layer.merge()
+        setattr(parent, child, layer.get_base_layer())
+    return model
