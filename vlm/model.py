@@ -399,6 +399,10 @@ class VisionLanguageModel(nn.Module):
         load_strict(model.vision, parts["vision."], f"the vision tower in {directory}")
         load_strict(model.projector, parts["projector."], f"the projector in {directory}")
         model.load_added_token_state(parts["lm."], directory)
+        if (directory / "adapter").is_dir():  # LoRA weights from fine-tuning live beside the model
+            from vlm.lora import load_adapter  # lora.py builds on this module
+
+            load_adapter(model, directory / "adapter")
         return model.to(dtype).eval()
 
     def load_added_token_state(self, state: dict[str, torch.Tensor], directory: Path) -> None:
