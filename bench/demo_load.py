@@ -1,0 +1,130 @@
+"""Load test of the Gradio demo: N concurrent `gradio_client` clients asking about the example images.
+
+    python bench/demo_load.py                       # starts the demo (default model) on a free local port
+    python bench/demo_load.py --url http://127.0.0.1:7860/ --clients 20 --requests 3 --max-new-tokens 32
+
+Each client streams every answer from `/ask_stream`, so it measures what a user waits for: latency
+(submit -> last piece), time to first token (submit -> first non-empty piece; queueing included, since the
+demo answers one question at a time) and throughput (answers per minute of wall time). The run fails (exit 1)
+unless every request was answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from gradio_client import Client, handle_file
+
+from vlm.app import EXAMPLES, launch
+
+
+@dataclass
+class Result:
+    latency: float  # seconds, submit -> complete answer
+    first_token: float | None  # seconds, submit -> first non-empty piece; None if nothing came
+    answer: str
+    error: str | None = None
+
+
+def ask(client: Client, example_index: int, max_new_tokens: int) -> Result:
+    example = EXAMPLES[example_index % len(EXAMPLES)]
+    start = time.perf_counter()
+    first = None
+    answer = ""
+    try:
+        job = client.submit(
+            handle_file(str(example.path)), example.question, max_new_tokens, 0.0, 1.0, api_name="/ask_stream"
+        )
+        for answer in job:  # one item per streamed update: the answer so far
+            if first is None and answer:
+                first = time.perf_counter() - start
+        answer = job.result()  # raises if the job failed
+    except Exception as err:  # counted, reported, and fails the run at the end
+        return Result(time.perf_counter() - start, first, answer or "", f"{type(err).__name__}: {err}")
+    return Result(time.perf_counter() - start, first, answer)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def run(url: str, clients: int, requests: int, max_new_tokens: int) -> list[Result]:
+    """`clients` threads, each with its own Client (its own session), each asking `requests` questions."""
+    barrier = threading.Barrier(clients)
+
+    def one_client(i: int) -> list[Result]:
+        client = Client(url, verbose=False)
+        barrier.wait()  # everyone starts together
+        return [ask(client, i * requests + r, max_new_tokens) for r in range(requests)]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [result for batch in pool.map(one_client, range(clients)) for result in batch]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="a running demo; without it one is started here")
+    parser.add_argument("--model", help="model folder for the demo started here (default: the project's)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3, help="questions per client, one after another")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    app = None
+    url = args.url
+    if url is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        app, url = launch(args.model, port=port, block=False)
+    try:
+        # One warm-up answer: the first generate pays one-off costs (allocations, kernel selection).
+        ask(Client(url, verbose=False), 0, 4)
+        start = time.perf_counter()
+        results = run(url, args.clients, args.requests, args.max_new_tokens)
+        wall = time.perf_counter() - start
+    finally:
+        if app is not None:
+            app.close()
+
+    answered = [r for r in results if r.error is None and r.answer]
+    latencies = [r.latency for r in answered]
+    firsts = [r.first_token for r in answered if r.first_token is not None]
+    rows = [
+        ("clients x requests", f"{args.clients} x {args.requests}"),
+        ("max new tokens", f"{args.max_new_tokens}"),
+        ("answered", f"{len(answered)} / {len(results)}"),
+        ("wall time", f"{wall:.1f} s"),
+        ("answers / min", f"{60 * len(answered) / wall:.1f}"),
+        ("latency p50 / p95", f"{percentile(latencies, 50):.2f} / {percentile(latencies, 95):.2f} s"),
+        ("first token p50 / p95", f"{percentile(firsts, 50):.2f} / {percentile(firsts, 95):.2f} s"),
+        (
+            "mean answer length",
+            f"{statistics.mean(len(r.answer.split()) for r in answered):.1f} words" if answered else "-",
+        ),  # fmt: skip
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"demo load test against {url}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    for r in results:
+        if r.error is not None:
+            print(f"  failed: {r.error}", file=sys.stderr)
+    return 0 if len(answered) == len(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
