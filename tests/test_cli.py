@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -111,3 +112,32 @@ def test_console_script_runs(checkpoint, images, tmp_path) -> None:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert out.is_file()
+
+
+def test_vlm_eval_and_merge_on_a_saved_model(parts, tmp_path, capsys) -> None:
+    from tiny import build
+
+    from vlm.lora import LoraSettings, add_lora, lora_modules, save_adapter
+    from vlm.model import VisionLanguageModel
+
+    model = build(parts)
+    settings = LoraSettings(r=2, alpha=4, dropout=0.0)
+    add_lora(model, settings)
+    model.save_pretrained(tmp_path / "m")
+    save_adapter(model, tmp_path / "m" / "adapter", settings)
+    lm_dir = tmp_path / "lm"  # the tiny LM lives in a folder, named by the model's config
+    parts[0].save_pretrained(lm_dir)
+    parts[1].save_pretrained(lm_dir)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "lm_source": str(lm_dir)}))
+
+    out = tmp_path / "pred.jsonl"
+    assert main(["eval", str(tmp_path / "m"), "--data", "easy-vqa", "--limit", "6", "--out", str(out)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6 and all({"question", "answers", "prediction"} <= r.keys() for r in records)
+
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "merged")]) == 0
+    merged = VisionLanguageModel.from_pretrained(tmp_path / "merged")
+    assert lora_modules(merged) == [] and (tmp_path / "merged" / "lm" / "model.safetensors").is_file()
+    assert main(["merge", str(tmp_path / "merged"), str(tmp_path / "again")]) == 2  # nothing left to merge

@@ -15,6 +15,7 @@ from vlm.lora import (
     lora_modules,
     merge_lora,
     save_adapter,
+    save_merged,
 )
 from vlm.weights import CheckpointError
 
@@ -101,6 +102,27 @@ def test_adapter_saves_loads_and_merges_to_the_same_logits(parts, tmp_path) -> N
     # W + BA folded into one matrix rounds differently from W x + B(A x); the tiny LM's large random weights
     # amplify that fp32 noise to ~3e-5 on logits of magnitude ~10. An unmerged or wrong merge is off by > 1e-3.
     torch.testing.assert_close(merged, want, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_standalone_folder_loads_without_the_adapter(parts, tmp_path) -> None:
+    from vlm.model import VisionLanguageModel
+
+    vlm = build(parts)
+    add_lora(vlm, LoraSettings(r=4, alpha=8, dropout=0.0))
+    randomize_lora_(vlm)
+    vlm.eval()
+    batch = batch_of(vlm)
+    with torch.no_grad():
+        want = vlm(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
+    save_merged(vlm, tmp_path / "merged")
+    assert (tmp_path / "merged" / "lm" / "config.json").is_file() and not (
+        tmp_path / "merged" / "adapter"
+    ).exists()
+    again = VisionLanguageModel.from_pretrained(tmp_path / "merged")
+    assert lora_modules(again) == []
+    with torch.no_grad():
+        got = again(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_not_an_adapter_folder(parts, tmp_path) -> None:

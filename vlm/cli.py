@@ -55,16 +55,45 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--top-k", type=int, default=0)
         sub.add_argument("--repetition-penalty", type=float, default=1.0)
 
+    evaluate = commands.add_parser("eval", help="VQA accuracy or caption BLEU-4/CIDEr by greedy generation")
+    evaluate.add_argument(
+        "model", nargs="?", help="a saved VLM folder (default: the project's default model)"
+    )
+    evaluate.add_argument("--task", choices=["vqa", "caption"], default="vqa")
+    evaluate.add_argument("--data", default="easy-vqa", help="easy-vqa (bundled), or a JSONL of rows")
+    evaluate.add_argument("--split", default="test", help="easy-vqa split")
+    evaluate.add_argument("--limit", type=int, help="a fixed random sample of this many rows")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--out", help="write one JSON line per prediction here")
+    evaluate.add_argument("--bf16", action="store_true", help="bf16 autocast for an fp32 model")
+    evaluate.add_argument("--dtype", choices=DTYPES, default="float32")
+
+    merge = commands.add_parser("merge", help="fold a model's LoRA adapter into a standalone model folder")
+    merge.add_argument("model", help="a saved VLM folder with an adapter/ subfolder")
+    merge.add_argument("out", help="the new folder (VLM files + the merged LM in lm/)")
+
+    zeroshot = commands.add_parser("zeroshot", help="SigLIP zero-shot: sigmoid probability of each label")
+    zeroshot.add_argument("image")
+    zeroshot.add_argument("--labels", required=True, help='comma-separated, e.g. "a cat,a dog"')
+    zeroshot.add_argument("--model", help="a SigLIP dual encoder folder with its tokenizer")
+
     demo = commands.add_parser("demo", help="the Gradio demo: chat with images, see what the encoder sees")
     demo.add_argument("--model", help="a saved VLM folder or hub id (default: the project's default model)")
-    demo.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"
+    )
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    demo.add_argument("--siglip", help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels")
+    demo.add_argument(
+        "--siglip", help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels"
+    )
 
     args = parser.parse_args(argv)
     try:
-        handler = {"embed": _embed, "viz": _viz, "ask": _ask, "chat": _chat, "demo": _demo}[args.command]
+        handler = {
+            "embed": _embed, "viz": _viz, "ask": _ask, "chat": _chat, "eval": _eval, "merge": _merge, "zeroshot": _zeroshot,
+            "demo": _demo,
+        }[args.command]  # fmt: skip
         return handler(args)
     except (ValueError, OSError) as err:  # our loaders raise ValueError subclasses with a full message
         print(f"vlm {args.command}: error: {err}", file=sys.stderr)
@@ -165,6 +194,47 @@ def _chat(args: argparse.Namespace) -> int:
         except ValueError as err:  # an unreadable image or an empty message: say so, keep the chat
             print(f"\n(error: {err})")
             pending = []
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vlm.evaluate import evaluate_captions, evaluate_vqa, load_easy_vqa_rows, load_jsonl_rows
+
+    if args.data == "easy-vqa":
+        if args.task != "vqa":
+            print("vlm eval: error: easy-vqa is a VQA set; use --task vqa", file=sys.stderr)
+            return 2
+        rows = load_easy_vqa_rows(args.split, limit=args.limit)
+    else:
+        rows = load_jsonl_rows(args.data, limit=args.limit)
+    args.quantize = None
+    model = _load_vlm(args)
+    run = evaluate_vqa if args.task == "vqa" else evaluate_captions
+    result = run(model, rows, batch_size=args.batch_size, predictions_path=args.out, bf16=args.bf16)
+    print(result.report())
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from vlm.lora import lora_modules, save_merged
+    from vlm.model import VisionLanguageModel
+
+    model = VisionLanguageModel.from_pretrained(args.model)
+    if not lora_modules(model):
+        print(f"vlm merge: error: {args.model} has no adapter/ to merge", file=sys.stderr)
+        return 2
+    print(f"wrote {save_merged(model, args.out)}")
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from vlm.processing import load_image
+    from vlm.zeroshot import format_scores, load_dual_encoder, parse_labels, zero_shot
+
+    labels = parse_labels(args.labels)
+    image = load_image(args.image)
+    model, tokenizer = load_dual_encoder(args.model)
+    print(format_scores(labels, zero_shot(model, tokenizer, [image], labels)[0]))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

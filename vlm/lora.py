@@ -36,7 +36,9 @@ class LoraSettings:
     target: str = LM_ALL_LINEAR  # a regex, matched against full module names (re.fullmatch)
 
     def peft_config(self) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target)
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target
+        )
 
 
 def add_lora(model: VisionLanguageModel, settings: LoraSettings) -> list[str]:
@@ -74,7 +76,9 @@ def load_adapter(model: VisionLanguageModel, directory: str | Path) -> LoraSetti
     """Inject and load a saved adapter, strictly: every saved LoRA weight must find its module."""
     directory = Path(directory)
     if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{directory} is not a LoRA adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+        raise CheckpointError(
+            f"{directory} is not a LoRA adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
+        )
     settings = LoraSettings(**json.loads((directory / ADAPTER_CONFIG).read_text())["vlm_lora"])
     add_lora(model, settings)
     state = load_file(directory / ADAPTER_WEIGHTS)
@@ -82,7 +86,9 @@ def load_adapter(model: VisionLanguageModel, directory: str | Path) -> LoraSetti
     unexpected = getattr(result, "unexpected_keys", [])
     missing = [k for k in get_peft_model_state_dict(model) if k not in state]
     if unexpected or missing:
-        raise CheckpointError(f"{directory}: adapter keys do not fit: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise CheckpointError(
+            f"{directory}: adapter keys do not fit: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
     return settings
 
 
@@ -96,3 +102,24 @@ def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
         layer.merge()
         setattr(parent, child, layer.get_base_layer())
     return model
+
+
+def save_merged(model: VisionLanguageModel, directory: str | Path) -> Path:
+    """A standalone model folder with LoRA folded in: the VLM files plus the merged LM (and tokenizer) in
+    `lm/`, named by a relative `lm_source`, so the folder loads anywhere without the original LM."""
+    from dataclasses import replace
+
+    directory = Path(directory)
+    merge_lora(model)
+    lm_dir = directory / "lm"
+    model.lm.save_pretrained(lm_dir)
+    model.tokenizer.save_pretrained(lm_dir)
+    # The saved LM already holds the image token's row, so the VLM files carry no added rows of their own.
+    source, vocab = model.config.lm_source, model.lm_vocab_size
+    model.config = replace(model.config, lm_source="lm")
+    model.lm_vocab_size = model.lm.get_input_embeddings().num_embeddings
+    try:
+        model.save_pretrained(directory)
+    finally:
+        model.config, model.lm_vocab_size = replace(model.config, lm_source=source), vocab
+    return directory

@@ -1,0 +1,184 @@
+"""Evaluation on a tiny random VLM: the fast path gives exactly the one-by-one answers; files and metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+from test_model import build, images, tiny_lm
+from transformers import AutoTokenizer
+
+from vlm.conversation import user
+from vlm.evaluate import (
+    evaluate_captions,
+    evaluate_vqa,
+    generate_answers,
+    load_easy_vqa_rows,
+    load_jsonl_rows,
+)
+from vlm.model import VisionLanguageModel
+
+QUESTIONS = [
+    "What shape is it?",
+    "What colour is the shape in this picture, if you look closely at it?",
+    "Is there a circle?",
+    "Does the image contain a red shape somewhere?",
+    "What is it?",
+]
+
+
+@pytest.fixture(scope="module")
+def vlm(smollm2_folder) -> VisionLanguageModel:
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    return build((tiny_lm(tokenizer), tokenizer))
+
+
+@pytest.fixture
+def rows(tmp_path) -> list[dict]:
+    """11 questions about 4 images given as a path, PIL images and bytes, several per image, of varied lengths
+    (so batches are padded, reordered, and share images across batch boundaries)."""
+    red, blue, green, yellow = images(4)
+    red_path = tmp_path / "red.png"
+    red.save(red_path)
+    buffer = io.BytesIO()
+    yellow.save(buffer, format="PNG")
+    sources = [str(red_path), blue, green, buffer.getvalue(), blue, str(red_path), green, blue, red_path]
+    sources += [buffer.getvalue(), green]
+    return [
+        {
+            "image": image,
+            "question": QUESTIONS[i % len(QUESTIONS)],
+            "answers": ["circle"],
+            "question_type": ["shape", "color", "yes/no"][i % 3],
+        }
+        for i, image in enumerate(sources)
+    ]
+
+
+def one_by_one(vlm: VisionLanguageModel, rows: list[dict], max_new_tokens: int = 8) -> list[str]:
+    return [
+        vlm.generate([[user(r["question"], [r["image"]])]], max_new_tokens=max_new_tokens)[0] for r in rows
+    ]
+
+
+def test_fast_path_answers_exactly_as_one_by_one(vlm, rows) -> None:
+    expected = one_by_one(vlm, rows)
+    assert len(set(expected)) >= 4  # the answers differ by image and question, so a mix-up would show
+    questions, sources = [r["question"] for r in rows], [r["image"] for r in rows]
+    for batch_size in (1, 4, 64):
+        assert generate_answers(vlm, questions, sources, batch_size=batch_size, progress=False) == expected
+    # each trick alone: no shared prefix, no image cache between batches
+    assert (
+        generate_answers(vlm, questions, sources, batch_size=4, share_prefix=False, progress=False)
+        == expected
+    )
+    assert (
+        generate_answers(vlm, questions, sources, batch_size=4, image_cache_bytes=0, progress=False)
+        == expected
+    )
+
+
+def test_prompts_without_images_and_longer_answers(vlm) -> None:
+    prompts = ["Tell me a story.", "What is two plus two?"]
+    expected = [vlm.generate([[user(p)]], max_new_tokens=12)[0] for p in prompts]
+    assert generate_answers(vlm, prompts, [None, None], max_new_tokens=12, progress=False) == expected
+
+
+def test_evaluate_vqa_scores_and_writes_predictions(vlm, rows, tmp_path) -> None:
+    expected = one_by_one(vlm, rows)
+    for i in range(0, len(rows), 2):  # every other row's answer is what the model says: accuracy 6/11
+        rows[i]["answers"] = [expected[i].upper() + "."]  # normalisation makes them match
+    for i in range(1, len(rows), 2):
+        rows[i]["answers"] = ["no such answer"]
+    out = tmp_path / "out" / "predictions.jsonl"
+    result = evaluate_vqa(vlm, rows, batch_size=4, predictions_path=out, progress=False)
+    assert result.metrics == {"accuracy": pytest.approx(6 / 11)}
+    assert result.num_examples == 11
+    # types cycle shape, color, yes/no; the even rows are right
+    assert result.by_type["question_type"]["shape"] == (pytest.approx(2 / 4), 4)
+    assert result.by_type["question_type"]["color"] == (pytest.approx(2 / 4), 4)
+    assert result.by_type["question_type"]["yes/no"] == (pytest.approx(2 / 3), 3)
+    summary = result.summary()
+    assert summary["accuracy"] == pytest.approx(6 / 11) and summary["question_type/shape"] == 0.5
+    assert "accuracy 0.5455 on 11 examples" in result.report()
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 11
+    assert records == result.predictions
+    for i, (record, row) in enumerate(zip(records, rows, strict=True)):
+        assert set(record) >= {"question", "answers", "prediction", "score", "correct", "question_type"}
+        assert record["question"] == row["question"] and record["answers"] == row["answers"]
+        assert record["prediction"] == expected[i]
+        assert record["score"] == (1.0 if i % 2 == 0 else 0.0)
+        assert record["correct"] is (i % 2 == 0)
+        assert record["question_type"] == row["question_type"]
+    assert records[0]["image"].endswith("red.png") and "image" not in records[1]  # paths only
+
+
+def test_evaluate_captions(vlm, rows, tmp_path) -> None:
+    pictures = [r["image"] for r in rows[:4]]
+    expected = [vlm.generate([[user("Describe it.", [image])]], max_new_tokens=6)[0] for image in pictures]
+    data = [
+        {"image": image, "captions": [text, "a plain coloured rectangle"]}
+        for image, text in zip(pictures, expected, strict=True)
+    ]
+    out = tmp_path / "captions.jsonl"
+    result = evaluate_captions(
+        vlm, data, prompt="Describe it.", max_new_tokens=6, predictions_path=out, progress=False
+    )
+    assert set(result.metrics) == {"bleu4", "cider"}
+    assert result.metrics["bleu4"] == pytest.approx(1.0, abs=1e-6)  # each prediction is one of its references
+    assert result.metrics["cider"] > 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prediction"] for r in records] == expected
+    assert all(set(r) >= {"captions", "prediction", "bleu4", "cider"} for r in records)
+
+
+def test_bad_rows_are_clear_errors(vlm) -> None:
+    with pytest.raises(ValueError, match="row 1 lacks answers"):
+        evaluate_vqa(
+            vlm, [{"image": images(1)[0], "question": "q", "answers": ["a"]}, {"image": 1, "question": "q"}]
+        )
+    with pytest.raises(ValueError, match="non-empty list"):
+        evaluate_vqa(vlm, [{"image": images(1)[0], "question": "q", "answers": "a"}])
+    with pytest.raises(ValueError, match="no rows"):
+        evaluate_vqa(vlm, [])
+
+
+def test_pil_images_from_files_are_read_by_path(vlm, tmp_path) -> None:
+    path = tmp_path / "red.png"
+    images(1)[0].save(path)
+    opened = Image.open(path)  # as `datasets` hands out an Image feature: it remembers its file
+    result = evaluate_vqa(
+        vlm, [{"image": opened, "question": "What is it?", "answers": ["x"]}], progress=False
+    )
+    assert result.predictions[0]["image"] == str(path)
+
+
+def test_jsonl_rows_resolve_relative_images(tmp_path) -> None:
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "img/a.png", "question": "q", "answers": ["a"]}\n\n{"image": "/abs/b.png", "question": "r", "answers": ["b"]}\n'
+    )
+    rows = load_jsonl_rows(tmp_path / "data.jsonl")
+    assert [r["image"] for r in rows] == [str(tmp_path / "img" / "a.png"), "/abs/b.png"]
+    sample = load_jsonl_rows(tmp_path / "data.jsonl", limit=1, seed=0)
+    assert len(sample) == 1 and sample[0] in rows
+    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
+        load_jsonl_rows(tmp_path / "bad.jsonl")
+
+
+def test_easy_vqa_rows() -> None:
+    pytest.importorskip("easy_vqa")
+    rows = load_easy_vqa_rows("test", limit=200, seed=0)
+    assert len(rows) == 200 and rows == load_easy_vqa_rows("test", limit=200, seed=0)  # a fixed sample
+    assert rows != load_easy_vqa_rows("test", limit=200, seed=1)
+    assert {r["question_type"] for r in rows} == {"shape", "color", "yes/no"}
+    for row in rows:
+        assert len(row["answers"]) == 1
+        kind = row["question_type"]
+        assert (row["answers"][0] in ("yes", "no")) == (kind == "yes/no")
+        assert (row["answers"][0] in ("circle", "rectangle", "triangle")) == (kind == "shape")
+    assert len(load_easy_vqa_rows("test")) == 9673
