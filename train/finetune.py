@@ -264,6 +264,17 @@ def prepare_skipping(model: VisionLanguageModel, conversations: list, max_length
 # -- evaluation ---------------------------------------------------------------------------------------------
 
 
+def load_eval_rows(source: Source) -> list[dict]:
+    """Evaluation rows keep image paths (not decoded images) so the evaluator can encode each image once."""
+    from vlm.evaluate import load_easy_vqa_rows, load_jsonl_rows
+
+    if source.kind != "vqa":
+        raise ValueError("evaluation during fine-tuning is VQA accuracy; use `vlm eval --task caption` for captions")
+    if source.name == "easy-vqa":
+        return load_easy_vqa_rows(source.split, limit=source.limit)
+    return load_jsonl_rows(source.name, limit=source.limit)
+
+
 def evaluate(model: VisionLanguageModel, rows, batch_size: int, out: Path | None) -> dict[str, float]:
     from vlm.evaluate import evaluate_vqa
 
@@ -333,7 +344,7 @@ def train(cfg: FinetuneConfig, resume: bool = False) -> VisionLanguageModel:
         run.mkdir(parents=True, exist_ok=True)
         dump(cfg, run / "config.yaml")
     metrics = MetricsLog(run / "metrics.jsonl")
-    eval_rows = load_source(cfg.data.eval) if cfg.data.eval is not None else None
+    eval_rows = load_eval_rows(cfg.data.eval) if cfg.data.eval is not None else None
     writer = None
     if t.tensorboard and accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -448,6 +459,10 @@ def write_model_card(
 ) -> None:
     sources = ", ".join(f"{s.kind}:{s.name}[{s.split}]" for s in cfg.data.train)
     lines = [
+        "---",  # Hugging Face model-card front matter; the demo shows `datasets` as "trained on"
+        "library_name: vlm",
+        f"datasets: [{', '.join(sorted({s.name for s in cfg.data.train}))}]",
+        "---",
         f"# {folder.parent.name}",
         "",
         f"- base LM: `{cfg.model.lm}` (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}; target `{cfg.lora.target}`)",

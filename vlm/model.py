@@ -168,6 +168,8 @@ class VisionLanguageModel(nn.Module):
         model, tokenizer = lm if lm is not None else load_lm(config.lm_source, dtype, quantization)
         vision = SiglipVisionEncoder(config.vision)
         projector = Projector(config.projector)
+        token_rms = model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
+        projector.match_output_scale(token_rms)
         return cls(config, vision.to(dtype), projector.to(dtype), model, tokenizer).eval()
 
     def freeze(self, paths: Sequence[str]) -> None:
@@ -388,6 +390,8 @@ class VisionLanguageModel(nn.Module):
         config = VLMConfig.from_dict(read_config(directory))
         if lm_source is not None:
             config = replace(config, lm_source=lm_source)
+        elif (directory / config.lm_source / "config.json").is_file():  # an LM inside the folder (`vlm merge`)
+            config = replace(config, lm_source=str(directory / config.lm_source))
         model = cls.build(config, dtype=dtype, quantization=quantization, lm=lm)
         state = read_safetensors(directory)
         parts: dict[str, dict[str, torch.Tensor]] = {"vision.": {}, "projector.": {}, "lm.": {}}

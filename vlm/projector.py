@@ -79,6 +79,18 @@ class Projector(nn.Module):
         else:
             self.linear_1 = nn.Linear(d_in, config.text_hidden_size)
 
+    @torch.no_grad()
+    def match_output_scale(self, target_rms: float) -> None:
+        """Initialise the last layer so that, for unit-variance features (the tower's layer-normed output),
+        each output dimension has RMS `target_rms`: the LM's own token-embedding scale.
+
+        With PyTorch's default init the image tokens come out ~10x larger than SmolLM2's token embeddings;
+        they then dominate the residual stream they enter, and the LM learns to read them far more slowly.
+        """
+        last = self.linear_2 if self.config.kind == "mlp" else self.linear_1
+        last.weight.normal_(0.0, target_rms / last.in_features**0.5)
+        last.bias.zero_()
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, N, D_vision) patch embeddings of a row-major `grid` (square when None) -> (B, T, D_lm)."""
         if self.config.kind == "pixel_shuffle":

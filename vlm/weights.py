@@ -212,7 +212,14 @@ def save_checkpoint(directory: Path, config: dict[str, Any], state: dict[str, to
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model should read like any file
             os.replace(tmp, directory / name)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,273 @@
+"""Speed of our SigLIP vision tower against transformers' `SiglipVisionModel` (eager and sdpa attention).
+
+    .venv/bin/python bench/encoder.py [--batch 8] [--repeats 10] [--quick] [--compile]
+
+One process, one set of random weights: transformers' sdpa model is built first (its own init), and its
+state dict is loaded into the eager one and into ours. The shape is google/siglip-base-patch16-224's
+(hidden 768, 12 layers, 12 heads, MLP 3072, 224x224 / 16 -> 196 patches, MAP head). Each dtype runs
+fp32, then bf16 (models and pixels cast with `.to(torch.bfloat16)`, no autocast), all under
+`torch.inference_mode()`: one warm-up call per model, then `--repeats` rounds that call every model once,
+round robin with the starting model rotated each round, so drifts in the machine's speed hit all alike.
+Reported: the median seconds per batch, images/s, and GFLOP/s from an analytic count of the matmul FLOPs
+(`encoder_flops`: patch conv, q/k/v/out projections, QK^T and AV, MLP, head; 2 FLOPs per multiply-add;
+layer norms, softmax and GELU are not counted) as a fraction of the machine's matmul peak, measured in the
+same run as the median of large square products (the fastest of `torch.mm` and oneDNN's linear per dtype:
+on AMD CPUs torch.mm's fp32 path, MKL, does not use AVX-512 and oneDNN does).
+
+Peak memory: the highest total of live torch CPU allocations during one forward, above what was live
+before it (weights and input excluded), read from `torch.profiler(profile_memory=True)`'s allocation
+events. It counts activations and outputs; memory oneDNN takes for itself, if any, is not in it. A
+process-wide `ru_maxrss` would not separate the three models.
+
+`--compile` adds our tower through `nn.Module.compile()` (inductor, opt-in; a compile per dtype, its
+time printed and not counted). Timings drift by +-25% on a shared machine; the CPU time other processes
+took while the timed rounds ran is printed so a noisy run can be recognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+from transformers import SiglipVisionConfig as HFSiglipVisionConfig
+from transformers import SiglipVisionModel
+
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGET = 1.2  # the issue's target: ours >= 1.2x faster than transformers' sdpa, per dtype
+
+
+@dataclass
+class Result:
+    impl: str
+    dtype: str
+    times: list[float]
+    peak_mib: float = float("nan")
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def encoder_flops(config: SiglipVisionConfig, batch: int) -> int:
+    """Matmul FLOPs of one forward (2 per multiply-add)."""
+    n, d, f = config.num_patches, config.hidden_size, config.intermediate_size
+    patch = n * config.num_channels * config.patch_size**2 * d
+    layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * f  # q, k, v, out; QK^T and AV; fc1, fc2
+    head = 2 * n * d * d + 2 * n * d + d * d + 2 * d * f  # k, v of all patches; probe attention; out; MLP
+    probe = d * d  # the probe's q projection, once per batch
+    return 2 * (batch * (patch + config.num_hidden_layers * layer + head) + probe)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and cpu == "unknown CPU":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    isa = (
+        " ".join(sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f")))) or "no AVX-512"
+    )
+    return (
+        f"{cpu} ({platform.machine()}), {len(os.sched_getaffinity(0))} cores [{isa}]; "
+        f"torch {torch.__version__} (ISA {torch.backends.cpu.get_cpu_capability()}), "
+        f"transformers {transformers.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of a (size x size) @ (size x size) product through torch.mm and through oneDNN, median."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    kernels = {"torch.mm": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available():  # `b` as the weight of a linear: a @ b.T, same FLOPs
+        kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    peaks = {}
+    for name, kernel in kernels.items():
+        kernel()  # warm-up (oneDNN builds its kernel on the first call)
+        peaks[name] = 2 * size**3 / statistics.median(timed(kernel) for _ in range(repeats)) / 1e9
+    return peaks
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_forward_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Highest total of live torch allocations during one forward, above the total before it (MiB)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x)
+    # The event tree's allocation events carry the allocator's running total since profiling began
+    # (a private but long-standing API, the one behind the profiler's memory timeline).
+    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            peak = max(peak, event.extra_fields.total_allocated)
+    return peak / 2**20
+
+
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes have used, CPU seconds this process has used), from /proc."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, usage.ru_utime + usage.ru_stime  # minus idle, iowait
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def time_models(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int, label: str
+) -> tuple[dict[str, list[float]], dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """Warm up each model once, then `repeats` round-robin rounds. Returns the times per model, each
+    model's first outputs (last_hidden_state, pooler_output) in fp32, and the share of the CPUs that
+    other processes used meanwhile."""
+    first = {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        out = model(x)
+        first[name] = (out.last_hidden_state.float(), out.pooler_output.float())
+        if name == "ours-compiled":
+            print(f"compile + first call ({label}): {time.perf_counter() - start:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    all_before, own_before = busy_seconds()
+    wall = time.perf_counter()
+    for r in tqdm(range(repeats), desc=f"timing {label}", unit="round", leave=False):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
+            times[name].append(timed(partial(models[name], x)))
+    all_after, own_after = busy_seconds()
+    # Other processes' share of the CPUs while we timed: a loaded machine explains a slow run.
+    other = (all_after - all_before) - (own_after - own_before)
+    return times, first, other / ((time.perf_counter() - wall) * len(os.sched_getaffinity(0)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed rounds per dtype (each calls every model)"
+    )
+    parser.add_argument("--quick", action="store_true", help="3 rounds and a smaller peak matmul")
+    parser.add_argument("--compile", action="store_true", help="also time ours through nn.Module.compile()")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    torch.set_num_threads(args.threads)  # explicit: torch's default can differ from the cores we may use
+    torch.manual_seed(0)
+    print(f"machine: {machine()}")
+
+    config = SiglipVisionConfig()  # google/siglip-base-patch16-224's shape
+    hf_config = dict(config.to_dict())
+    hf_sdpa = SiglipVisionModel(HFSiglipVisionConfig(**hf_config, attn_implementation="sdpa")).eval()
+    hf_eager = SiglipVisionModel(HFSiglipVisionConfig(**hf_config, attn_implementation="eager")).eval()
+    ours = SiglipVisionEncoder(config).eval()
+    hf_eager.load_state_dict(hf_sdpa.state_dict())
+    ours.load_state_dict(hf_sdpa.state_dict())
+    models: dict[str, torch.nn.Module] = {"ours": ours, "hf-sdpa": hf_sdpa, "hf-eager": hf_eager}
+    if args.compile:
+        models["ours-compiled"] = copy.deepcopy(ours)
+        models["ours-compiled"].compile()
+    pixels = torch.randn(args.batch, config.num_channels, config.image_size, config.image_size)
+    flops = encoder_flops(config, args.batch)
+    print(
+        f"model: SigLIP base (hidden 768, 12 layers, 224/16, head), batch {args.batch}, {flops / 1e9:.1f} GFLOP"
+    )
+
+    size = 2048 if args.quick else 3072
+    peaks = {name: matmul_peak(dtype, size, 3 if args.quick else 5) for name, dtype in DTYPES.items()}
+    for name, by_kernel in peaks.items():
+        print(
+            f"matmul peak {name} ({size}^3): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in by_kernel.items())
+            + " GFLOP/s"
+        )
+
+    results: list[Result] = []
+    outputs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    busy = 0.0
+    for dtype_name, dtype in DTYPES.items():
+        # Cast outside inference mode: parameters cast inside it become inference tensors, and with those
+        # transformers' bf16 linears allocate ~430 MiB more per forward and run ~2x slower (measured).
+        for model in models.values():
+            model.to(dtype)
+        with torch.inference_mode():
+            times, first, other = time_models(models, pixels.to(dtype), repeats, dtype_name)
+            busy = max(busy, other)
+            for name, model in models.items():
+                outputs[name, dtype_name] = first[name]
+                results.append(
+                    Result(name, dtype_name, times[name], peak_forward_mib(model, pixels.to(dtype)))
+                )
+
+    print(
+        f"\nmedian of {repeats} interleaved rounds; other processes used up to {100 * busy:.0f}% of the CPUs\n"
+    )
+    print(
+        f"{'impl':14s} {'dtype':5s} {'s/batch':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'of peak':>8s} "
+        f"{'peak MiB':>9s}  {'min..max s':>13s}"
+    )
+    for r in results:
+        achieved = flops / r.median / 1e9
+        peak = max(peaks[r.dtype].values())
+        print(
+            f"{r.impl:14s} {r.dtype:5s} {r.median:8.3f} {args.batch / r.median:7.1f} {achieved:8.0f} "
+            f"{achieved / peak:8.0%} {r.peak_mib:9.0f}  {min(r.times):6.3f}..{max(r.times):.3f}"
+        )
+
+    print(f"\nspeed-up (their median time / ours; the target is >= {TARGET}x against hf-sdpa):")
+    median = {(r.impl, r.dtype): r.median for r in results}
+    for dtype_name in DTYPES:
+        for impl in [name for name in models if name.startswith("ours")]:
+            ratios = [
+                f"vs {ref} {median[ref, dtype_name] / median[impl, dtype_name]:.2f}x"
+                for ref in ("hf-sdpa", "hf-eager")
+            ]
+            verdict = (
+                "met" if median["hf-sdpa", dtype_name] / median[impl, dtype_name] >= TARGET else "NOT met"
+            )
+            print(f"  {impl:14s} {dtype_name}: {', '.join(ratios)} ({verdict})")
+
+    print("\naccuracy:")
+    for impl in [name for name in models if name.startswith("ours")]:
+        ours_last, ours_pooled = outputs[impl, "fp32"]
+        for ref in ("hf-sdpa", "hf-eager"):
+            ref_last, ref_pooled = outputs[ref, "fp32"]
+            print(
+                f"  fp32 {impl} vs {ref}: max |diff| last_hidden_state {(ours_last - ref_last).abs().max():.2e}, "
+                f"pooler_output {(ours_pooled - ref_pooled).abs().max():.2e} (target <= 1e-5)"
+            )
+    for impl in models:
+        last32, pooled32 = outputs[impl, "fp32"]
+        last16, pooled16 = outputs[impl, "bf16"]
+        print(
+            f"  bf16 {impl} vs its fp32: cosine last_hidden_state {cosine(last16, last32):.5f}, "
+            f"pooler_output {cosine(pooled16, pooled32):.5f} (target >= 0.999 for ours)"
+        )
+
+
+if __name__ == "__main__":
+    main()
