@@ -14,7 +14,12 @@ from vlm.model import Chat, load_default_model
 
 @pytest.fixture(scope="module")
 def model(smollm2_folder):
-    return load_default_model()
+    """SmolLM2 itself behind a fresh tower and projector: these tests are about the LM path and chat
+    mechanics, not about what the shipped model learned (tests/test_default_model.py covers that)."""
+    from vlm.model import DEFAULT_CONFIG, VisionLanguageModel
+
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(DEFAULT_CONFIG)
 
 
 def test_the_default_lm_is_found_through_its_package() -> None:
