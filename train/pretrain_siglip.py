@@ -41,6 +41,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -236,7 +237,9 @@ def load_source(source: Source, size: int) -> datasets.Dataset:
     )  # fmt: skip
 
 
-def load_sources(sources: tuple[Source, ...], size: int, log) -> list[tuple[Source, datasets.Dataset]]:
+def load_sources(
+    sources: tuple[Source, ...], size: int, log: Callable[[str], None]
+) -> list[tuple[Source, datasets.Dataset]]:
     """The sources that are available here; a missing package skips its source with one line (as
     `vlm.data.sources.build_mixture` does), an empty result is an error."""
     loaded = []
@@ -348,9 +351,13 @@ class Evaluator:
     training image of the same sources (`caption_transfer_recall`)."""
 
     def __init__(
-        self, cfg: EvalSection, train: list[tuple[Source, datasets.Dataset]], size: int, log
+        self,
+        cfg: EvalSection,
+        train: list[tuple[Source, datasets.Dataset]],
+        size: int,
+        log: Callable[[str], None],
     ) -> None:
-        self.cfg, self.size, self.log = cfg, size, log
+        self.cfg, self.size = cfg, size
         self.trained = {source.name: data for source, data in train}
         self.baselines: dict[str, float] | None = None
         self.fashion: datasets.Dataset | None = None
