@@ -205,9 +205,16 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(
-        self, x: torch.Tensor, output_attentions: bool = False, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        output_attentions: bool = False,
+        residual: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, N, D) -> (`residual` +) attention output (B, N, D), and the weights if asked for."""
+        """x: (B, N, D) -> (`residual` +) attention output (B, N, D), and the weights if asked for.
+
+        `attention_mask`: an additive bias on the scores, broadcast to (B, heads, N, N), e.g. the text
+        tower's padding bias (`vlm.siglip_text.padding_bias`); images need none."""
         B, N, D = x.shape
         # One GEMM for q, k and v (see module docstring), then split heads: 3 x (B, heads, N, head_dim).
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
@@ -220,6 +227,8 @@ class SiglipAttention(nn.Module):
         # 196 tokens); in fp32 sdpa is the faster one, and it never materialises (B, heads, N, N).
         if output_attentions or (x.device.type == "cpu" and x.dtype == torch.bfloat16):
             scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
+            if attention_mask is not None:
+                scores = scores + attention_mask
             # In fp32 as the reference does: a bf16 softmax computes in fp32 inside and rounds once, so it
             # matches fp32-then-round but skips an fp32 copy of the scores (with which this path was slower
             # than sdpa: 2x the bytes, and fresh pages from the allocator each layer).
@@ -227,7 +236,7 @@ class SiglipAttention(nn.Module):
             out = F.dropout(weights, p=dropout, training=self.training) @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, heads * head_dim)
         out = linear(out, self.out_proj.weight, self.out_proj.bias, residual=residual)
         return out, weights if output_attentions else None
@@ -257,10 +266,12 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config)
 
     def forward(
-        self, x: torch.Tensor, output_attentions: bool = False
+        self, x: torch.Tensor, output_attentions: bool = False, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x + attn(ln(x)), then x + mlp(ln(x)); passing x as `residual` lets the add ride in the last GEMM
-        x, weights = self.self_attn(self.layer_norm1(x), output_attentions, residual=x)
+        x, weights = self.self_attn(
+            self.layer_norm1(x), output_attentions, residual=x, attention_mask=attention_mask
+        )
         x = self.mlp(self.layer_norm2(x), residual=x)
         return x, weights
 

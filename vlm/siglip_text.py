@@ -10,8 +10,7 @@ References
 Module and parameter names equal the Hugging Face checkpoint keys (minus the `text_model.` prefix):
 `embeddings.token_embedding`, `embeddings.position_embedding`, `encoder.layers.{i}.*`, `final_layer_norm`,
 `head`. The encoder layers are the vision tower's (`vlm.siglip.SiglipEncoderLayer`): the two towers share
-one block, as in the reference (for now through the thin subclasses marked TEMPORARY below, which add the
-padding mask that block does not take yet).
+one block, as in the reference; the text tower passes it the padding mask when it has one.
 
 Pooling is the state of the LAST position, which for every text shorter than the model's length is a pad
 token: the model was trained on texts padded to exactly `max_position_embeddings` (`padding="max_length"`),
@@ -35,10 +34,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vlm.siglip import _ACTIVATIONS, SiglipAttention, SiglipEncoderLayer
+from vlm.siglip import _ACTIVATIONS, SiglipEncoderLayer
 
 
 @dataclass(frozen=True)
@@ -112,47 +110,6 @@ class SiglipTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight.unsqueeze(0)
 
 
-# --- TEMPORARY: a padding mask for the shared encoder layer -------------------------------------------------
-# `vlm.siglip.SiglipAttention` / `SiglipEncoderLayer` take no attention mask yet (proposed change: an
-# `attention_mask` argument on both). Until then these subclasses add one; they keep the parent's parameters
-# and names, and with no mask they call the parent unchanged. Delete both once `siglip.py` takes the mask.
-
-
-class _SiglipAttentionWithMask(SiglipAttention):
-    def forward(
-        self, x: torch.Tensor, output_attentions: bool = False, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if attention_mask is None:
-            return super().forward(x, output_attentions)
-        B, N, D = x.shape
-        q, k, v = (
-            proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5 + attention_mask  # (B, heads, N, N)
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        out = F.dropout(weights, p=self.dropout, training=self.training) @ v
-        out = out.transpose(1, 2).reshape(B, N, D)
-        return self.out_proj(out), weights if output_attentions else None
-
-
-class _SiglipEncoderLayerWithMask(SiglipEncoderLayer):
-    def __init__(self, config: SiglipTextConfig) -> None:
-        super().__init__(config)  # type: ignore[arg-type]  # duck-typed: the fields the layer reads
-        self.self_attn = _SiglipAttentionWithMask(config)  # type: ignore[arg-type]
-
-    def forward(
-        self, x: torch.Tensor, output_attentions: bool = False, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, weights = self.self_attn(self.layer_norm1(x), output_attentions, attention_mask)
-        x = x + attn
-        x = x + self.mlp(self.layer_norm2(x))
-        return x, weights
-
-
-# --- end TEMPORARY --------------------------------------------------------------------------------------------
-
-
 def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, N) mask of 1 = token, 0 = padding -> (B, 1, 1, N) additive bias on the attention scores.
 
@@ -177,9 +134,9 @@ class SiglipTextEncoder(nn.Module):
         self.config = config
         self.embeddings = SiglipTextEmbeddings(config)
         self.encoder = nn.Module()  # a plain container, so the keys read `encoder.layers.{i}.*`
-        self.encoder.layers = nn.ModuleList(
-            _SiglipEncoderLayerWithMask(config) for _ in range(config.num_hidden_layers)
-        )
+        # The vision tower's block, duck-typed: it reads only the fields both configs share.
+        layers = (SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))  # type: ignore[arg-type]
+        self.encoder.layers = nn.ModuleList(layers)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.projection_size)
 
@@ -210,7 +167,7 @@ class SiglipTextEncoder(nn.Module):
         bias = None if attention_mask is None else padding_bias(attention_mask, x.dtype)
         hidden_states, attentions = [x], []
         for layer in self.encoder.layers:
-            x, weights = layer(x, output_attentions, bias)
+            x, weights = layer(x, output_attentions, attention_mask=bias)
             hidden_states.append(x)
             attentions.append(weights)
         x = self.final_layer_norm(x)
