@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,21 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "finetune.py"
-
-
-def load_script(path: Path, name: str):
-    """Import a script from train/ (not a package) as a module; dataclasses need it in sys.modules."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ft = load_script(SCRIPT, "finetune")
+ft = load_script("finetune")
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +164,7 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, tiny_lm_fo
 def test_every_shipped_yaml_loads() -> None:
     """Each YAML under configs/ names its command on the first line; it must load with that script's schema."""
     schemas = {"train/finetune.py": ft.FinetuneConfig}
-    pretrain = ROOT / "train" / "pretrain_siglip.py"
-    if pretrain.is_file():
-        schemas["train/pretrain_siglip.py"] = load_script(pretrain, "pretrain_siglip").PretrainConfig
+    schemas["train/pretrain_siglip.py"] = load_script("pretrain_siglip").PretrainConfig
     yamls = sorted((ROOT / "configs").glob("*.yaml"))
     assert yamls
     for path in yamls:

@@ -3,7 +3,6 @@ the tokenizer, the evaluation baselines, two processes against one, and the ship
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,21 +16,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "pretrain_siglip.py"
-
-
-def load_script(path: Path, name: str):
-    """Import a script from train/ (not a package) as a module; dataclasses need it in sys.modules."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pt = load_script(SCRIPT, "pretrain_siglip")
+pt = load_script("pretrain_siglip")
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (240, 220, 20)}
 
@@ -181,7 +169,9 @@ def test_evaluation_reports_model_and_baselines(tmp_path, pairs_file) -> None:
         pt.SOURCES["fashion_mnist"](split="test", size=32, limit=1)
     except pt.SourceUnavailable:
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    cfg = pt.EvalSection(zero_shot_limit=20, retrieval=(pt.Source(str(pairs_file)),), baseline_limit=30)
+    cfg = pt.EvalSection(
+        zero_shot_limit=20, retrieval=(pt.Source(str(pairs_file)),), baseline_limit=30, easy_vqa_limit=40
+    )
     train = pt.load_sources((pt.Source(str(pairs_file)),), 32, print)
     tokenizer = pt.train_tokenizer(["a photo of a sneaker", "a red square"], 300, 8)
     model = pt.build_model(config(tmp_path, pairs_file), tokenizer)
@@ -189,9 +179,15 @@ def test_evaluation_reports_model_and_baselines(tmp_path, pairs_file) -> None:
     assert result["zeroshot_images"] == 20 and result["zeroshot_pixel_gallery"] == 30
     assert result["retrieval_pairs"] == 8 and result["retrieval_image_to_text@1_pixel"] == 1.0
     assert result["retrieval_image_to_text@5_chance"] == 5 / 8 and result["zeroshot_top1_chance"] == 0.1
-    assert all(
-        0 <= result[k] <= 1 for k in ("zeroshot_top1", "zeroshot_top1_pixel", "retrieval_text_to_image@1")
+    assert 30 <= result["easy_vqa_images"] <= 40  # images whose questions tell both shape and colour
+    metrics = (
+        "zeroshot_top1",
+        "zeroshot_top1_pixel",
+        "retrieval_text_to_image@1",
+        "easy_vqa_shape",
+        "easy_vqa_color",
     )
+    assert all(0 <= result[k] <= 1 for k in metrics)
     assert model.training  # the evaluator puts the model back as it found it
 
 

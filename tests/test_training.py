@@ -1,4 +1,4 @@
-"""Shared training pieces: the LR schedule, atomic checkpoints with optimizer and RNG state, metrics."""
+"""Shared training pieces: the LR schedule, the resumable data order, atomic checkpoints with optimizer and RNG state, metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from vlm.training import (
     MetricsLog,
+    Stream,
     cosine_lr,
     latest_checkpoint,
     load_training_state,
@@ -92,3 +93,17 @@ def test_metrics_log_and_curve(tmp_path) -> None:
     png = plot_curves(records, tmp_path / "curve.png", ("loss", "accuracy"), "run")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_curves([], tmp_path / "none.png", ("loss",), "empty") is None
+
+
+def test_data_stream_is_addressable_by_position_and_weighted() -> None:
+    """Resuming recomputes the data from a position alone: any slice equals the same slice of one long read."""
+    stream = Stream([5, 4], [2.0, 0.5], seed=3)
+    assert stream.epoch_len == 5 * 2 + 2  # source 0 twice, half of source 1
+    whole = stream.take(0, 3 * stream.epoch_len)
+    assert Stream([5, 4], [2.0, 0.5], seed=3).take(7, 20) == whole[7:27]
+    first = whole[: stream.epoch_len]
+    assert sorted(first.count((0, r)) for r in range(5)) == [2] * 5
+    assert len({r for s, r in first if s == 1}) == 2
+    assert first != whole[stream.epoch_len : 2 * stream.epoch_len]  # each epoch reshuffled
+    with pytest.raises(ValueError, match="empty"):
+        Stream([0], [1.0], seed=0)

@@ -42,6 +42,7 @@ from vlm.projector import ProjectorConfig  # noqa: E402
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
+    Stream,
     cosine_lr,
     latest_checkpoint,
     load_training_state,
@@ -180,39 +181,6 @@ def load_source(source: Source):
     return from_jsonl(source.name)
 
 
-def epoch_order(sizes: list[int], weights: list[float], epoch: int, seed: int) -> list[tuple[int, int]]:
-    """(source, row) pairs for one epoch: each source repeated or subsampled by its weight, shuffled by a
-    seed that depends only on (seed, epoch) — so any data position can be recomputed on resume."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = []
-    for s, (size, weight) in enumerate(zip(sizes, weights, strict=True)):
-        whole, part = int(weight), weight - int(weight)
-        rows = list(range(size)) * whole + rng.sample(range(size), round(size * part))
-        order += [(s, r) for r in rows]
-    rng.shuffle(order)
-    return order
-
-
-class Stream:
-    """Global micro-batches of (source, row) pairs, addressable by position for exact resumption."""
-
-    def __init__(self, sizes: list[int], weights: list[float], seed: int) -> None:
-        self.sizes, self.weights, self.seed = sizes, weights, seed
-        self.epoch_len = len(epoch_order(sizes, weights, 0, seed))
-        if self.epoch_len == 0:
-            raise ValueError("the training data is empty")
-        self._cache: tuple[int, list[tuple[int, int]]] | None = None
-
-    def take(self, position: int, n: int) -> list[tuple[int, int]]:
-        out = []
-        for p in range(position, position + n):
-            epoch, index = divmod(p, self.epoch_len)
-            if self._cache is None or self._cache[0] != epoch:
-                self._cache = (epoch, epoch_order(self.sizes, self.weights, epoch, self.seed))
-            out.append(self._cache[1][index])
-        return out
-
-
 def param_groups(model: VisionLanguageModel, t: TrainSection) -> list[dict]:
     """Per-module learning rates, as multiples of the scheduled LR (`lr_scale`, see vlm.training.set_lr)."""
     groups: dict[str, list[torch.nn.Parameter]] = {"lora": [], "projector": [], "vision": [], "other": []}
@@ -269,7 +237,9 @@ def load_eval_rows(source: Source) -> list[dict]:
     from vlm.evaluate import load_easy_vqa_rows, load_jsonl_rows
 
     if source.kind != "vqa":
-        raise ValueError("evaluation during fine-tuning is VQA accuracy; use `vlm eval --task caption` for captions")
+        raise ValueError(
+            "evaluation during fine-tuning is VQA accuracy; use `vlm eval --task caption` for captions"
+        )
     if source.name == "easy-vqa":
         return load_easy_vqa_rows(source.split, limit=source.limit)
     return load_jsonl_rows(source.name, limit=source.limit)

@@ -54,14 +54,13 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "train"):  # runnable as a plain script from a checkout; finetune.py sits beside
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from finetune import Stream  # noqa: E402  (deterministic, resumable data order; shared with finetune.py)
+if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
 
 from vlm.config import dump, load_config, to_dict  # noqa: E402
 from vlm.data.sources import (  # noqa: E402
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
     FASHION_MNIST_PHRASES,
     FASHION_MNIST_TEMPLATES,
     SOURCES,
@@ -74,6 +73,7 @@ from vlm.siglip_model import SiglipConfig, SiglipModel, retrieval_recall  # noqa
 from vlm.siglip_text import SiglipTextConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
+    Stream,
     cosine_lr,
     latest_checkpoint,
     load_training_state,
@@ -151,6 +151,7 @@ class EvalSection:
         Source("openclipart", split="test", limit=250),
     )
     baseline_limit: int = 5000  # training images per source that the raw-pixel baselines search
+    easy_vqa_limit: int = 1000  # held-out easy-VQA test images probed for shape and colour; 0 skips it
     batch_size: int = 128
 
 
@@ -364,6 +365,13 @@ class Evaluator:
         self.fashion_train: datasets.Dataset | None = None
         self.pairs: datasets.Dataset | None = None
         self.galleries: list[datasets.Dataset] = []
+        self.easy_vqa: datasets.Dataset | None = None
+        if cfg.easy_vqa_limit > 0:
+            try:
+                data = SOURCES["easy_vqa"](split="test", size=size, limit=cfg.easy_vqa_limit)
+                self.easy_vqa = data.filter(lambda row: bool(row["shape"] and row["color"]))
+            except SourceUnavailable as err:
+                log(f"easy-VQA probe skipped: {err}")
         if cfg.zero_shot_limit > 0:
             try:
                 self.fashion = SOURCES["fashion_mnist"](split="test", size=size, limit=cfg.zero_shot_limit)
@@ -407,6 +415,25 @@ class Evaluator:
             out["retrieval_pixel_gallery"] = sum(len(g) for g in self.galleries)
         return out
 
+    def _easy_vqa_probe(self, model: SiglipModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        """Shape and colour read zero-shot from held-out easy-VQA images: the image is scored against all
+        24 captions "a {colour} {shape}" and the best one's shape and colour are compared with the truth.
+        This is what a VLM built on the tower has to see (chance: 1/3 for shape, 1/8 for colour)."""
+        assert self.easy_vqa is not None
+        combos = [(c, s) for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+        probs = zero_shot(
+            model, tokenizer, self.easy_vqa["image"], [f"{c} {s}" for c, s in combos], ["a {}"],
+            self.cfg.batch_size,
+        )  # fmt: skip
+        best = [combos[i] for i in probs.argmax(-1).tolist()]
+        truth = list(zip(self.easy_vqa["color"], self.easy_vqa["shape"], strict=True))
+        n = len(truth)
+        return {
+            "easy_vqa_shape": sum(b[1] == t[1] for b, t in zip(best, truth, strict=True)) / n,
+            "easy_vqa_color": sum(b[0] == t[0] for b, t in zip(best, truth, strict=True)) / n,
+            "easy_vqa_images": n,
+        }
+
     def __call__(self, model: SiglipModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
         """{metric: value}: the model's scores, then the baselines' (computed at the first call)."""
         if self.baselines is None:
@@ -426,6 +453,8 @@ class Evaluator:
                 model, tokenizer, self.pairs["image"], self.pairs["text"], (1, 5), self.cfg.batch_size
             )
             out |= {f"retrieval_{k}": v for k, v in recall.items()}
+        if self.easy_vqa is not None:
+            out |= self._easy_vqa_probe(model, tokenizer)
         model.train(was_training)
         return out | self.baselines
 

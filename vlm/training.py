@@ -1,4 +1,5 @@
-"""Pieces every training loop here shares: the LR schedule, fault-proof checkpoints, metrics and curves.
+"""Pieces every training loop here shares: the LR schedule, a resumable data order, fault-proof checkpoints,
+metrics and curves.
 
 Checkpoints are folders `step-00000100/` under a run's `checkpoints/`, written under a temporary name and
 renamed into place only when complete (a rename is atomic on one filesystem), with a `COMPLETE` marker
@@ -38,6 +39,39 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Each param group keeps its `lr_scale` (per-module learning rates) relative to the schedule."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def epoch_order(sizes: list[int], weights: list[float], epoch: int, seed: int) -> list[tuple[int, int]]:
+    """(source, row) pairs for one epoch: each source repeated or subsampled by its weight, shuffled by a
+    seed that depends only on (seed, epoch) — so any data position can be recomputed on resume."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = []
+    for s, (size, weight) in enumerate(zip(sizes, weights, strict=True)):
+        whole, part = int(weight), weight - int(weight)
+        rows = list(range(size)) * whole + rng.sample(range(size), round(size * part))
+        order += [(s, r) for r in rows]
+    rng.shuffle(order)
+    return order
+
+
+class Stream:
+    """Global micro-batches of (source, row) pairs, addressable by position for exact resumption."""
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int) -> None:
+        self.sizes, self.weights, self.seed = sizes, weights, seed
+        self.epoch_len = len(epoch_order(sizes, weights, 0, seed))
+        if self.epoch_len == 0:
+            raise ValueError("the training data is empty")
+        self._cache: tuple[int, list[tuple[int, int]]] | None = None
+
+    def take(self, position: int, n: int) -> list[tuple[int, int]]:
+        out = []
+        for p in range(position, position + n):
+            epoch, index = divmod(p, self.epoch_len)
+            if self._cache is None or self._cache[0] != epoch:
+                self._cache = (epoch, epoch_order(self.sizes, self.weights, epoch, self.seed))
+            out.append(self._cache[1][index])
+        return out
 
 
 # -- optimizer and RNG state as safetensors + JSON --------------------------------------------------------
