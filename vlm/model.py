@@ -390,7 +390,9 @@ class VisionLanguageModel(nn.Module):
         config = VLMConfig.from_dict(read_config(directory))
         if lm_source is not None:
             config = replace(config, lm_source=lm_source)
-        elif (directory / config.lm_source / "config.json").is_file():  # an LM inside the folder (`vlm merge`)
+        elif (
+            directory / config.lm_source / "config.json"
+        ).is_file():  # an LM inside the folder (`vlm merge`)
             config = replace(config, lm_source=str(directory / config.lm_source))
         model = cls.build(config, dtype=dtype, quantization=quantization, lm=lm)
         state = read_safetensors(directory)
