@@ -51,6 +51,25 @@ def test_sigmoid_loss_3x3_by_hand_and_its_bias_gradient() -> None:
     assert bias.grad.item() == pytest.approx(grad_bias, rel=1e-6)
 
 
+def test_equal_match_ids_make_equal_captions_matches() -> None:
+    """Images 0 and 1 share a caption (id 7): each matches both texts 0 and 1; with distinct ids (or none) only
+    its own. Same pairs as the 3x3 case above, labels +1 on the matches."""
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    texts = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.6, 0.8]])
+    scale, bias = torch.zeros(1), torch.tensor([0.5])
+    z = [[0.5, 0.5, 1.1], [1.5, 1.5, 1.3], [1.3, 1.3, 1.5]]
+    match = [[True, True, False], [True, True, False], [False, False, True]]
+    nll = [[softplus(-z[i][j]) if match[i][j] else softplus(z[i][j]) for j in range(3)] for i in range(3)]
+    got = sigmoid_loss(images, texts, scale, bias, match_ids=torch.tensor([7, 7, 2]))
+    assert got.item() == pytest.approx(sum(map(sum, nll)) / 3, rel=1e-6)
+    torch.testing.assert_close(
+        sigmoid_loss(images, texts, scale, bias, match_ids=torch.tensor([4, 1, 9])),
+        sigmoid_loss(images, texts, scale, bias),
+    )
+    with pytest.raises(ValueError, match="one per pair"):
+        sigmoid_loss(images, texts, scale, bias, match_ids=torch.tensor([1, 2]))
+
+
 def test_softmax_loss_3x3_by_hand() -> None:
     images = torch.eye(3)
     texts = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
@@ -71,15 +90,17 @@ def test_shapes_are_checked() -> None:
         softmax_loss(torch.ones(3), torch.ones(3), torch.zeros(1))
 
 
-@pytest.mark.parametrize("positives", [True, False])
-def test_hand_written_block_backward_passes_gradcheck(positives: bool) -> None:
-    rows, cols = (3, 3) if positives else (3, 5)  # off-diagonal blocks need not be square
+@pytest.mark.parametrize("positives", [True, False, "ids"])
+def test_hand_written_block_backward_passes_gradcheck(positives: bool | str) -> None:
+    rows, cols = (3, 3) if positives is True else (3, 5)  # off-diagonal blocks need not be square
+    # "ids": matches anywhere in the block, as equal match_ids put them
+    matches = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
     args = (
         torch.randn(rows, 4, dtype=torch.float64, requires_grad=True),
         torch.randn(cols, 4, dtype=torch.float64, requires_grad=True),
         torch.tensor([0.7], dtype=torch.float64, requires_grad=True),
         torch.tensor([-1.3], dtype=torch.float64, requires_grad=True),
-        positives,
+        matches if positives == "ids" else positives,
     )
     assert torch.autograd.gradcheck(_SigmoidBlockNLL.apply, args)
 
@@ -142,8 +163,13 @@ def _rank_worker(
         local = {
             name: (value[start : start + sizes[rank]] if value.ndim == 2 else value).clone().requires_grad_()
             for name, value in inputs.items()
+            if name != "ids"
         }
-        loss = chunked_sigmoid_loss(local["images"], local["texts"], local["scale"], local["bias"])
+        ids = inputs.get("ids")
+        ids = None if ids is None else ids[start : start + sizes[rank]]
+        loss = chunked_sigmoid_loss(
+            local["images"], local["texts"], local["scale"], local["bias"], match_ids=ids
+        )
         loss.backward()
         torch.save(
             {"loss": loss.detach(), **{name: t.grad for name, t in local.items()}},
@@ -153,8 +179,13 @@ def _rank_worker(
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[4, 4], [3, 1, 5]], ids=["2-ranks", "3-ranks-unequal"])
-def test_chunked_loss_across_processes_equals_global_loss_and_gradients(sizes: list[int], tmp_path) -> None:
+@pytest.mark.parametrize(
+    "sizes, with_ids", [([4, 4], False), ([3, 1, 5], False), ([3, 1, 5], True)],
+    ids=["2-ranks", "3-ranks-unequal", "3-ranks-match-ids"],
+)  # fmt: skip
+def test_chunked_loss_across_processes_equals_global_loss_and_gradients(
+    sizes: list[int], with_ids: bool, tmp_path
+) -> None:
     world, total = len(sizes), sum(sizes)
     inputs = {
         "images": F.normalize(torch.randn(total, 16), dim=-1),
@@ -164,11 +195,17 @@ def test_chunked_loss_across_processes_equals_global_loss_and_gradients(sizes: l
     }
     # Make the positives clearly better than chance, so the diagonal terms differ from the rest.
     inputs["texts"] = F.normalize(inputs["texts"] + inputs["images"], dim=-1)
+    if (
+        with_ids
+    ):  # repeated captions, some held by different ranks: matches off the diagonal and across blocks
+        inputs["ids"] = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])
     mp.spawn(_rank_worker, args=(sizes, _free_port(), inputs, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
-    reference = {name: value.clone().requires_grad_() for name, value in inputs.items()}
-    want = sigmoid_loss(reference["images"], reference["texts"], reference["scale"], reference["bias"])
+    reference = {name: value.clone().requires_grad_() for name, value in inputs.items() if name != "ids"}
+    want = sigmoid_loss(
+        reference["images"], reference["texts"], reference["scale"], reference["bias"], inputs.get("ids")
+    )
     want.backward()
 
     # The mean over ranks of what each returns is the global loss (see chunked_sigmoid_loss's docstring) ...

@@ -24,6 +24,10 @@ Choices a reader should know
   the single-process gradient (see `chunked_sigmoid_loss`). Gradient accumulation averages micro-batch
   losses: the negatives of a pair are the other pairs of ITS micro-batch (across processes), so the
   contrastive batch is `batch_size * processes`, not that times `grad_accum`.
+- Equal captions match (`train.equal_captions_match`, on by default): pairs whose captions tokenise the same
+  count as matches of each other, not as negatives (`match_ids` in `vlm.losses`). The paper's labels assume
+  unique captions; class-captioned data (Fashion-MNIST, easy-VQA) repeats a few captions many times per
+  batch, and calling those non-matches teaches the towers to tell apart what the captions cannot.
 - Evaluation (every `eval.every` steps and at the end), each beside a baseline measured the same way:
   zero-shot top-1 on held-out Fashion-MNIST test images (class phrases averaged over the templates, as
   CLIP does) against a raw-pixel 1-nearest-neighbour classifier over Fashion-MNIST training images and
@@ -169,6 +173,7 @@ class TrainSection:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
+    equal_captions_match: bool = True  # identical captions are matches, not negatives (module docstring)
 
 
 @dataclass(frozen=True)
@@ -550,14 +555,22 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
     metrics = MetricsLog(run / "metrics.jsonl")
     evaluator = Evaluator(cfg.eval, sources, size, log) if accelerator.is_main_process else None
 
-    def micro_batches(position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This step's micro-batches for this process: (pixels (b, 3, H, W), input ids (b, length))."""
+    # One id per distinct caption (as tokenised), the same on every process: equal ids are matches.
+    caption_ids = torch.unique(torch.cat(ids), dim=0, return_inverse=True)[1].split([len(x) for x in ids])
+    if t.equal_captions_match:
+        distinct = int(max(int(c.max()) for c in caption_ids if len(c)) + 1)
+        log(f"{distinct:,} distinct captions among {sum(len(c) for c in caption_ids):,} pairs; equal ones match")
+
+    def micro_batches(position: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """This step's micro-batches for this process: (pixels (b, 3, H, W), input ids (b, length), caption
+        ids (b,) or None)."""
         out = []
         for micro in range(t.grad_accum):
             pairs = stream.take(position + micro * t.batch_size * world, t.batch_size * world)
             mine = pairs[rank * t.batch_size : (rank + 1) * t.batch_size]
             images = [sources[s][1][r]["image"] for s, r in mine]
-            out.append((processor(images), torch.stack([ids[s][r] for s, r in mine])))
+            matches = torch.stack([caption_ids[s][r] for s, r in mine]) if t.equal_captions_match else None
+            out.append((processor(images), torch.stack([ids[s][r] for s, r in mine]), matches))
         return out
 
     def save(at: int) -> None:
@@ -590,7 +603,7 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
         set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=accelerator.device)
         batches = micro_batches(step * per_step)
-        for i, (pixels, input_ids) in enumerate(batches):
+        for i, (pixels, input_ids, match_ids) in enumerate(batches):
             sync = i == len(batches) - 1
             with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
                 with accelerator.autocast():
@@ -600,8 +613,9 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
                 # fp32 loss on the embeddings: bf16 logits t*cos+b would keep ~3 significant digits. With
                 # several processes, the ring-chunked loss over the global micro-batch (module docstring).
                 loss = chunked_sigmoid_loss(
-                    out.image_embeds.float(), out.text_embeds.float(), core.logit_scale, core.logit_bias
-                )
+                    out.image_embeds.float(), out.text_embeds.float(), core.logit_scale, core.logit_bias,
+                    match_ids=None if match_ids is None else match_ids.to(accelerator.device),
+                )  # fmt: skip
                 accelerator.backward(loss / t.grad_accum)
             step_loss += loss.detach() / t.grad_accum
         optimizer.step()

@@ -17,6 +17,11 @@ Conventions shared by every loss here
   holds them, so their gradients flow.
 
 Deliberate deviations from the reference
+- Optional `match_ids`: with them, image i and text j match whenever their ids are equal, not only when
+  i == j. The paper's labels assume every caption in a batch is unique, as in web-scale data; with class-like
+  captions ("a red circle", "a photo of a sneaker") a batch holds many identical ones, and the paper's labels
+  would call an image and an identical caption of another image a non-match, teaching the towers to tell
+  apart images the captions cannot. Equal captions are matches then. Without ids the loss is the paper's.
 - The chunked loss has a hand-written backward (`_SigmoidBlockNLL`) that recomputes each block's logits,
   so a process keeps one (b, b) block of logits alive at a time rather than all W of them, (b, B), until the
   backward pass: the paper's memory claim holds for the backward pass too. It costs one extra
@@ -37,7 +42,7 @@ def _sigmoid_nll_sum(
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
-    positives_on_diagonal: bool,
+    matches: bool | torch.Tensor,
 ) -> torch.Tensor:
     """Sum over every (image i, text j) of -log sigmoid(label_ij * z_ij) for one block of pairs.
 
@@ -46,8 +51,8 @@ def _sigmoid_nll_sum(
     and label +1 for a match, -1 otherwise. Since sigmoid(-z) = 1 - sigmoid(z), sigmoid(label * z) is the
     probability the model gives to the right answer in both cases, so -log sigmoid(label * z) is that
     pair's negative log-likelihood. No normalisation couples pairs, which is what lets the sum be split
-    into blocks and computed anywhere. `positives_on_diagonal` says whether this block holds the matching
-    pairs (image i with text i); in every other block all labels are -1.
+    into blocks and computed anywhere. `matches`: True when this block's matches are its diagonal (image i
+    with text i), False when it holds none (all labels -1), or a (b_img, b_txt) bool tensor of them.
 
     Written without a (b_img, b_txt) label matrix: with softplus(z) = log(1 + e^z),
         non-match: -log sigmoid(-z) = softplus(z)
@@ -61,9 +66,11 @@ def _sigmoid_nll_sum(
     scaled = image_embeds * logit_scale.exp().to(image_embeds.dtype)  # (b_img, D): t * x_i
     logits = scaled @ text_embeds.T + logit_bias  # (b_img, b_txt): z_ij = t <x_i, y_j> + b
     nll = F.softplus(logits).sum()  # every pair scored as a non-match ...
-    if positives_on_diagonal:
+    if isinstance(matches, torch.Tensor):
+        nll = nll - (logits * matches).sum()  # ... and the matches corrected: softplus(z) - z
+    elif matches:
         matched = (scaled * text_embeds).sum(-1) + logit_bias  # (b,): z_ii
-        nll = nll - matched.sum()  # ... and the matches corrected: softplus(z) - z
+        nll = nll - matched.sum()
     return nll
 
 
@@ -72,6 +79,7 @@ def sigmoid_loss(
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
+    match_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss over one batch of B matching pairs (paper Eq. 2):
 
@@ -81,9 +89,13 @@ def sigmoid_loss(
     this equals transformers' "sum over images per text, mean over texts". With B positives and B^2 - B
     negatives the negatives dominate at first; b = -10 at initialisation makes every logit start near
     "no match", where the many negatives cost little (softplus(-10) ~ 4.5e-5), which is why the paper adds
-    the bias. Returns a scalar."""
-    _check_pairs(image_embeds, text_embeds)
-    return _sigmoid_nll_sum(image_embeds, text_embeds, logit_scale, logit_bias, True) / image_embeds.shape[0]
+    the bias. With `match_ids` (B,), label_ij = +1 wherever match_ids[i] == match_ids[j] (module docstring).
+    Returns a scalar."""
+    _check_pairs(image_embeds, text_embeds, match_ids)
+    matches = True if match_ids is None else match_ids[:, None] == match_ids[None, :]
+    return (
+        _sigmoid_nll_sum(image_embeds, text_embeds, logit_scale, logit_bias, matches) / image_embeds.shape[0]
+    )
 
 
 def softmax_loss(
@@ -113,6 +125,7 @@ def chunked_sigmoid_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     group: dist.ProcessGroup | None = None,
+    match_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sigmoid loss over the GLOBAL batch of all processes, with each process holding only its own
     b_r pairs and no process ever building the global (B, B) logits (paper section 3.3, Fig. 1).
@@ -145,23 +158,29 @@ def chunked_sigmoid_loss(
     Works with every backend that has point-to-point sends and `all_gather` (gloo on CPU, NCCL on GPU; with
     NCCL the embeddings must be on this rank's CUDA device). Local batches may differ in size between ranks.
     Without an initialised process group (or with one process) it is `sigmoid_loss`.
+
+    `match_ids` (b_r,), this rank's pairs' ids, as in `sigmoid_loss`: they travel around the ring with the
+    text blocks, so every block knows its matches, which may then lie in any block.
     """
-    _check_pairs(image_embeds, text_embeds)
+    _check_pairs(image_embeds, text_embeds, match_ids)
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias)
+        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, match_ids)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     sizes = _local_batch_sizes(image_embeds.shape[0], image_embeds.device, group)  # b_0 .. b_{W-1}
     to_rank, from_rank = _global_rank((rank + 1) % world, group), _global_rank((rank - 1) % world, group)
 
-    def block_sum(texts: torch.Tensor, positives: bool) -> torch.Tensor:
-        return _SigmoidBlockNLL.apply(image_embeds, texts, logit_scale, logit_bias, positives)
+    def block_sum(texts: torch.Tensor, diagonal: bool, text_ids: torch.Tensor | None) -> torch.Tensor:
+        matches = diagonal if match_ids is None else match_ids[:, None] == text_ids[None, :]
+        return _SigmoidBlockNLL.apply(image_embeds, texts, logit_scale, logit_bias, matches)
 
-    texts = text_embeds  # (b_r, D): the block this rank holds now; at step 0 its own
-    total = block_sum(texts, True)
+    texts, text_ids = text_embeds, match_ids  # (b_r, D): the block this rank holds now; at step 0 its own
+    total = block_sum(texts, True, text_ids)
     for step in range(1, world):
         rows = sizes[(rank - step) % world]  # the block arriving now left rank r - step
         texts = _RingPass.apply(texts, to_rank, from_rank, rows, group)  # (rows, D)
-        total = total + block_sum(texts, False)
+        if text_ids is not None:  # plain data, no gradient: the ids ride along with their block
+            text_ids = _exchange(text_ids, to_rank, from_rank, rows, group)
+        total = total + block_sum(texts, False, text_ids)
     return total * (world / sum(sizes))
 
 
@@ -187,11 +206,11 @@ class _SigmoidBlockNLL(torch.autograd.Function):
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor,
-        positives_on_diagonal: bool,
+        matches: bool | torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(image_embeds, text_embeds, logit_scale, logit_bias)
-        ctx.positives = positives_on_diagonal
-        return _sigmoid_nll_sum(image_embeds, text_embeds, logit_scale, logit_bias, positives_on_diagonal)
+        ctx.matches = matches  # a bool block (when not a flag) is data, not an autograd input
+        return _sigmoid_nll_sum(image_embeds, text_embeds, logit_scale, logit_bias, matches)
 
     @staticmethod
     def backward(
@@ -200,8 +219,10 @@ class _SigmoidBlockNLL(torch.autograd.Function):
         x, y, logit_scale, logit_bias = ctx.saved_tensors
         t = logit_scale.exp().to(x.dtype)
         g = ((x * t) @ y.T + logit_bias).sigmoid_()  # (b_img, b_txt): sigmoid(z), z exactly as in forward ...
-        if ctx.positives:
-            g.diagonal().sub_(1.0)  # ... minus y: the residuals G
+        if isinstance(ctx.matches, torch.Tensor):
+            g.sub_(ctx.matches.to(g.dtype))  # ... minus y: the residuals G
+        elif ctx.matches:
+            g.diagonal().sub_(1.0)
         g.mul_(grad)  # times the upstream gradient (a scalar)
         g = g.to(x.dtype)  # the matmuls run in the embeddings' dtype (a no-op in fp32)
         gy = g @ y  # (b_img, D): sum_j G_ij y_j
@@ -261,9 +282,15 @@ def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
-def _check_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+def _check_pairs(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, match_ids: torch.Tensor | None = None
+) -> None:
     if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
         raise ValueError(
             "image_embeds and text_embeds must both be (B, D), row i of each a matching pair; got "
             f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    if match_ids is not None and match_ids.shape != image_embeds.shape[:1]:
+        raise ValueError(
+            f"match_ids must be ({image_embeds.shape[0]},), one per pair; got {tuple(match_ids.shape)}"
         )
