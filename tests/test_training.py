@@ -10,6 +10,7 @@ import torch
 from vlm.training import (
     MetricsLog,
     Stream,
+    check_resumable,
     cosine_lr,
     latest_checkpoint,
     load_training_state,
@@ -107,3 +108,20 @@ def test_data_stream_is_addressable_by_position_and_weighted() -> None:
     assert first != whole[stream.epoch_len : 2 * stream.epoch_len]  # each epoch reshuffled
     with pytest.raises(ValueError, match="empty"):
         Stream([0], [1.0], seed=0)
+
+
+def test_a_run_folder_resumes_only_under_the_config_that_wrote_it(tmp_path) -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {"model": {"vision": "a"}, "data": {"train": [{"name": "x"}], "eval": None},
+              "train": {"steps": 10, "lr": 0.1, "eval_every": 0}}  # fmt: skip
+    ckpt = save_training_checkpoint(tmp_path, 5, lambda d: None, opt, {}, config)
+    longer = {**config, "train": {**config["train"], "steps": 20, "eval_every": 5}, "data": {**config["data"], "eval": {"name": "y"}}}  # fmt: skip
+    check_resumable(ckpt, longer)  # running longer, or reporting differently, continues the same run
+    for changed, key in (
+        ({**config, "model": {"vision": "b"}}, "model.vision"),
+        ({**config, "train": {**config["train"], "lr": 0.2}}, "train.lr"),
+        ({**config, "data": {**config["data"], "train": [{"name": "z"}]}}, "data.train"),
+    ):
+        with pytest.raises(ValueError, match=rf"different config \({key}: .*another train.out_dir"):
+            check_resumable(ckpt, changed)

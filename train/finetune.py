@@ -43,6 +43,7 @@ from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
     Stream,
+    check_resumable,
     cosine_lr,
     latest_checkpoint,
     load_training_state,
@@ -262,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0].startswith("--"):
         print(__doc__)
         return 2
-    train(load_config(FinetuneConfig, args[0], args[1:]), resume)
+    try:
+        train(load_config(FinetuneConfig, args[0], args[1:]), resume)
+    except (
+        ValueError
+    ) as err:  # a bad config or a run folder that belongs to another run: say so, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -281,6 +288,8 @@ def train(cfg: FinetuneConfig, resume: bool = False) -> VisionLanguageModel:
 
     # setup
     ckpt = latest_checkpoint(run, log) if (resume or run.exists()) else None
+    if ckpt is not None:
+        check_resumable(ckpt, to_dict(cfg))
     model = build_model(replace(cfg, model=replace(cfg.model, init=str(ckpt))) if ckpt else cfg)
     settings = lora_settings(cfg)
     if not lora_modules(model):  # a checkpoint or an `init` folder brings its adapter along

@@ -78,6 +78,7 @@ from vlm.siglip_text import SiglipTextConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
     Stream,
+    check_resumable,
     cosine_lr,
     latest_checkpoint,
     load_training_state,
@@ -474,7 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0].startswith("--"):
         print(__doc__)
         return 2
-    train(load_config(PretrainConfig, args[0], args[1:]), resume)
+    try:
+        train(load_config(PretrainConfig, args[0], args[1:]), resume)
+    except (
+        ValueError
+    ) as err:  # a bad config or a run folder that belongs to another run: say so, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -495,6 +502,8 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
 
     # setup: a checkpoint (resume) or `init` brings its own tokenizer; else one is trained on the captions
     ckpt = latest_checkpoint(run, log) if (resume or run.exists()) else None
+    if ckpt is not None:
+        check_resumable(ckpt, to_dict(cfg))
     init = ckpt or cfg.model.init  # then cfg.model's shapes are not used: the folder says them
     model = tokenizer = None
     if init:
@@ -559,7 +568,9 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
     caption_ids = torch.unique(torch.cat(ids), dim=0, return_inverse=True)[1].split([len(x) for x in ids])
     if t.equal_captions_match:
         distinct = int(max(int(c.max()) for c in caption_ids if len(c)) + 1)
-        log(f"{distinct:,} distinct captions among {sum(len(c) for c in caption_ids):,} pairs; equal ones match")
+        log(
+            f"{distinct:,} distinct captions among {sum(len(c) for c in caption_ids):,} pairs; equal ones match"
+        )
 
     def micro_batches(position: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """This step's micro-batches for this process: (pixels (b, 3, H, W), input ids (b, length), caption

@@ -175,6 +175,36 @@ def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path
     return None
 
 
+# What a resumed run may change: how long it runs and how it reports. Anything else (model, data, LR, batch,
+# seed, ...) would make the continued run a different run than the checkpoint's.
+RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.eval_batch_size",
+                     "train.log_every", "train.tensorboard", "data.eval", "eval.")  # fmt: skip
+
+
+def check_resumable(folder: Path, config: dict[str, Any]) -> None:
+    """Refuse to continue `folder`'s run under a config that trains differently: re-running a command in an
+    old run folder must not silently resume someone else's run. Raises ValueError naming the differences."""
+    saved = json.loads((folder / "trainer_state.json").read_text()).get("config", {})
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    old, new = flat(json.loads(json.dumps(saved))), flat(json.loads(json.dumps(config)))  # lists, not tuples
+    differ = [
+        k for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)
+    ]  # fmt: skip
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])
+        raise ValueError(
+            f"{folder} was written by a run with a different config ({shown}{'; ...' if len(differ) > 6 else ''}); "
+            "resuming would mix two runs: set another train.out_dir, or delete the old run folder"
+        )
+
+
 def load_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore optimizer and RNG from a checkpoint; returns its metadata (step, loop state, config)."""
     meta = json.loads((folder / "trainer_state.json").read_text())
