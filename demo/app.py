@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument(
-        "--siglip", help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels"
+        "--siglip",
+        help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels (default: the shipped one)",
     )
     args = parser.parse_args()
     launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip)

@@ -132,8 +132,6 @@ def test_labels_table_and_loading(tmp_path, tokenizer, monkeypatch) -> None:
 def test_cli(tmp_path, tokenizer, capsys) -> None:
     from vlm import cli
 
-    if not hasattr(cli, "_zeroshot"):
-        pytest.skip("`vlm zeroshot` is not wired into vlm/cli.py yet")
     tiny_model(len(tokenizer)).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     solid(RED).save(tmp_path / "red.png")

@@ -856,13 +856,18 @@ def launch(
     """Load the model once (unless `model` is given), build the app and serve it; returns (app, URL).
 
     Binds `host` (loopback unless asked otherwise) and `port`. `siglip_dir` names a SigLIP dual encoder
-    (with its tokenizer) for the zero-shot box. With `block=False` returns at once, the server running in a
+    (with its tokenizer) for the zero-shot box; when the model is loaded here and none is named, the shipped
+    one (`vlm/default_siglip/`) if present. With `block=False` returns at once, the server running in a
     background thread (tests; stop it with `app.close()`)."""
     if model is None:
         print(f"Loading the model ({model_dir or 'project default'})…", flush=True)
         start = time.perf_counter()
         model, model_info = load_model(model_dir)
         print(f"Model loaded in {time.perf_counter() - start:.1f} s.", flush=True)
+        from vlm.zeroshot import DEFAULT_SIGLIP_DIR
+
+        if siglip_dir is None and (DEFAULT_SIGLIP_DIR / "config.json").is_file():
+            siglip_dir = str(DEFAULT_SIGLIP_DIR)
     siglip_model = siglip_tokenizer = None
     if siglip_dir is not None:
         from transformers import AutoTokenizer

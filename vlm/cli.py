@@ -75,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     zeroshot = commands.add_parser("zeroshot", help="SigLIP zero-shot: sigmoid probability of each label")
     zeroshot.add_argument("image")
     zeroshot.add_argument("--labels", required=True, help='comma-separated, e.g. "a cat,a dog"')
-    zeroshot.add_argument("--model", help="a SigLIP dual encoder folder with its tokenizer")
+    zeroshot.add_argument(
+        "--model", help="a SigLIP dual encoder folder with its tokenizer (default: the shipped one)"
+    )
+    zeroshot.add_argument(
+        "--template",
+        action="append",
+        help='prompt template with {} for the label, repeatable (embeddings averaged); default "a photo of {}."',
+    )
 
     demo = commands.add_parser("demo", help="the Gradio demo: chat with images, see what the encoder sees")
     demo.add_argument("--model", help="a saved VLM folder or hub id (default: the project's default model)")
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     demo.add_argument(
-        "--siglip", help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels"
+        "--siglip",
+        help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels (default: the shipped one)",
     )
 
     args = parser.parse_args(argv)
@@ -228,12 +236,15 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from vlm.processing import load_image
-    from vlm.zeroshot import format_scores, load_dual_encoder, parse_labels, zero_shot
+    from vlm.zeroshot import DEFAULT_TEMPLATES, format_scores, load_dual_encoder, parse_labels, zero_shot
 
     labels = parse_labels(args.labels)
+    templates = tuple(args.template or DEFAULT_TEMPLATES)
+    if bad := [t for t in templates if "{}" not in t]:
+        raise ValueError(f"a template needs {{}} where the label goes: {bad[0]!r}")
     image = load_image(args.image)
     model, tokenizer = load_dual_encoder(args.model)
-    print(format_scores(labels, zero_shot(model, tokenizer, [image], labels)[0]))
+    print(format_scores(labels, zero_shot(model, tokenizer, [image], labels, templates)[0]))
     return 0
 
 

@@ -1,0 +1,49 @@
+"""The shipped SigLIP dual encoder (vlm/default_siglip/): loads by default, and a regression guard on the
+easy-VQA shape and colour figures its card states."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlm import cli
+from vlm.data.sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES
+from vlm.zeroshot import DEFAULT_SIGLIP_DIR, load_dual_encoder, zero_shot
+
+EXAMPLES = sorted((DEFAULT_SIGLIP_DIR.parents[1] / "demo" / "examples").glob("easyvqa_*.png"))
+CARD = {"shape": 0.983, "color": 1.000}  # vlm/default_siglip/README.md, 888 held-out images
+
+
+@pytest.fixture(scope="module")
+def dual():
+    assert (DEFAULT_SIGLIP_DIR / "config.json").is_file(), "the dual encoder ships with the package"
+    return load_dual_encoder(None)
+
+
+def test_shape_and_colour_zero_shot_hold_what_the_card_states(dual, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VLM_CACHE", str(tmp_path))  # the built test images stay out of ~/.cache
+    model, tokenizer = dual
+    data = SOURCES["easy_vqa"](split="test", size=64, limit=300).filter(
+        lambda r: bool(r["shape"] and r["color"])
+    )
+    combos = [(c, s) for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+    probs = zero_shot(model, tokenizer, data["image"], [f"{c} {s}" for c, s in combos], ["a {}"])
+    best = [combos[i] for i in probs.argmax(-1).tolist()]
+    for k, key in ((1, "shape"), (0, "color")):
+        accuracy = sum(b[k] == t for b, t in zip(best, data[key], strict=True)) / len(best)
+        assert accuracy >= CARD[key] - 0.02, (key, accuracy, len(best))
+
+
+def test_vlm_zeroshot_uses_it_when_no_model_is_named(capsys) -> None:
+    assert EXAMPLES
+    for path in EXAMPLES:  # easyvqa_<id>_<colour>_<shape>.png
+        colour, shape = path.stem.split("_")[2:]
+        labels = [f"a {c} {s}" for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+        # Prompted as its training captions read ("a blue circle"); "a photo of ..." is not how they read.
+        assert cli.main(["zeroshot", str(path), "--labels", ",".join(labels), "--template", "{}"]) == 0
+        best = capsys.readouterr().out.splitlines()[1].rsplit(maxsplit=1)[0]
+        assert best == f"a {colour} {shape}", path.name
+
+
+def test_a_template_without_a_slot_is_refused(capsys) -> None:
+    assert cli.main(["zeroshot", str(EXAMPLES[0]), "--labels", "a circle", "--template", "a photo"]) == 2
+    assert "needs {}" in capsys.readouterr().err
