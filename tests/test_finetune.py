@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 from scripts import ROOT, load_script
 
+from vlm.config import load_config
+
 SCRIPT = ROOT / "train" / "finetune.py"
 ft = load_script("finetune")
 
@@ -38,7 +40,7 @@ def config(tmp_path: Path, lm: Path, **train) -> object:
         f"--train.out_dir={tmp_path / 'run'}", "--train.batch_size=4", "--train.warmup_steps=1", "--train.log_every=1",
         "--train.lr=5e-3", "--train.lr_projector=5e-3", "--train.bf16=false",
     ] + [f"--train.{k}={v}" for k, v in train.items()]  # fmt: skip
-    return ft.load_config(ft.FinetuneConfig, None, overrides)
+    return load_config(ft.FinetuneConfig, None, overrides)
 
 
 def losses_by_step(run: Path) -> dict[int, float]:
@@ -172,4 +174,4 @@ def test_every_shipped_yaml_loads() -> None:
         assert first.startswith("# COMMAND: "), f"{path.name} must start with '# COMMAND: ...'"
         script = next((s for s in schemas if s in first), None)
         assert script is not None, f"{path.name}: its command names no known script: {first}"
-        ft.load_config(schemas[script], path)
+        load_config(schemas[script], path)

@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from scripts import ROOT, load_script
 
+from vlm.config import load_config
+
 SCRIPT = ROOT / "train" / "pretrain_siglip.py"
 pt = load_script("pretrain_siglip")
 
@@ -54,7 +56,7 @@ def config(run: Path, pairs: Path, **train) -> pt.PretrainConfig:
         f"--train.out_dir={run}", "--train.batch_size=8", "--train.warmup_steps=1", "--train.log_every=1",
         "--train.lr=5e-3", "--train.bf16=false", "--train.checkpoint_every=100",
     ] + [f"--train.{k}={v}" for k, v in train.items()]  # fmt: skip
-    return pt.load_config(pt.PretrainConfig, None, overrides)
+    return load_config(pt.PretrainConfig, None, overrides)
 
 
 def losses(run: Path) -> list[float]:
@@ -224,7 +226,7 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, pairs_file
 def test_the_shipped_yaml_builds_the_described_model() -> None:
     path = ROOT / "configs" / "siglip_tiny_offline.yaml"
     assert path.read_text().splitlines()[0].startswith("# COMMAND: python train/pretrain_siglip.py")
-    cfg = pt.load_config(pt.PretrainConfig, path)
+    cfg = load_config(pt.PretrainConfig, path)
     model = pt.build_model(cfg, pt.train_tokenizer(["a photo of a sneaker"], 300, 16))
     v, t = model.config.vision_config, model.config.text_config
     assert (v.image_size, v.patch_size, v.hidden_size, v.num_hidden_layers, v.num_attention_heads) == (

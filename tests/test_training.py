@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from vlm.training import (
     latest_checkpoint,
     load_training_state,
     plot_curves,
+    run_script,
     save_training_checkpoint,
     set_lr,
 )
@@ -125,3 +127,22 @@ def test_a_run_folder_resumes_only_under_the_config_that_wrote_it(tmp_path) -> N
     ):
         with pytest.raises(ValueError, match=rf"different config \({key}: .*another train.out_dir"):
             check_resumable(ckpt, changed)
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    steps: int = 1
+
+
+def test_the_scripts_command_line(tmp_path, capsys) -> None:
+    runs = []
+    train = lambda cfg, resume: runs.append((cfg, resume))  # noqa: E731
+    assert run_script([], "usage: SCRIPT CONFIG", _Cfg, train) == 2 and "usage" in capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text("steps: 3\n")
+    assert run_script([str(tmp_path / "c.yaml"), "--steps=5", "--resume"], "", _Cfg, train) == 0
+    assert runs == [(_Cfg(steps=5), True)]
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")  # a typo: a clear one-line error, no traceback, no run
+    assert run_script([str(tmp_path / "bad.yaml")], "", _Cfg, train) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "stepz" in err
+    assert len(runs) == 1

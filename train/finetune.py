@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from vlm.config import dump, load_config, to_dict  # noqa: E402
+from vlm.config import dump, to_dict  # noqa: E402
 from vlm.data.vqa import build_easy_vqa_questions, from_jsonl_vqa, to_conversation  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
@@ -48,6 +48,7 @@ from vlm.training import (  # noqa: E402
     latest_checkpoint,
     load_training_state,
     plot_curves,
+    run_script,
     save_training_checkpoint,
     set_lr,
 )
@@ -257,20 +258,7 @@ def evaluate(model: VisionLanguageModel, rows, batch_size: int, out: Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in args
-    args = [a for a in args if a != "--resume"]
-    if not args or args[0].startswith("--"):
-        print(__doc__)
-        return 2
-    try:
-        train(load_config(FinetuneConfig, args[0], args[1:]), resume)
-    except (
-        ValueError
-    ) as err:  # a bad config or a run folder that belongs to another run: say so, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(list(sys.argv[1:] if argv is None else argv), __doc__, FinetuneConfig, train)
 
 
 def train(cfg: FinetuneConfig, resume: bool = False) -> VisionLanguageModel:

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from vlm.config import dump, load_config, to_dict  # noqa: E402
+from vlm.config import dump, to_dict  # noqa: E402
 from vlm.data.sources import (  # noqa: E402
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
@@ -83,6 +83,7 @@ from vlm.training import (  # noqa: E402
     latest_checkpoint,
     load_training_state,
     plot_curves,
+    run_script,
     save_training_checkpoint,
     set_lr,
 )
@@ -469,20 +470,7 @@ class Evaluator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in args
-    args = [a for a in args if a != "--resume"]
-    if not args or args[0].startswith("--"):
-        print(__doc__)
-        return 2
-    try:
-        train(load_config(PretrainConfig, args[0], args[1:]), resume)
-    except (
-        ValueError
-    ) as err:  # a bad config or a run folder that belongs to another run: say so, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(list(sys.argv[1:] if argv is None else argv), __doc__, PretrainConfig, train)
 
 
 def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTrainedTokenizerBase]:

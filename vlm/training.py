@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -256,3 +257,25 @@ def plot_curves(records: list[dict[str, Any]], path: Path, keys: tuple[str, ...]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- the scripts' command line ---------------------------------------------------------------------------------
+
+
+def run_script(argv: list[str], doc: str, config_class: type, train: Callable[..., Any]) -> int:
+    """`SCRIPT CONFIG.yaml [--dotted.key=value ...] [--resume]`, shared by the training scripts: load and
+    validate the config, then `train(cfg, resume)`. Returns the exit status: 2 with the script's docstring
+    when no config is named, 2 with a one-line message for a bad config or a run folder another run wrote."""
+    from vlm.config import load_config
+
+    resume = "--resume" in argv
+    args = [a for a in argv if a != "--resume"]
+    if not args or args[0].startswith("--"):
+        print(doc)
+        return 2
+    try:
+        train(load_config(config_class, args[0], args[1:]), resume)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
