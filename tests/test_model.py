@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
-from tiny import build, images, tiny_lm  # noqa: F401  (tiny_lm: other tests import it from here)
+from tiny import VISION, build, images, tiny_lm  # noqa: F401  (tiny_lm: other tests import it from here)
 
 from vlm.conversation import IGNORE_INDEX, user
-from vlm.model import VisionLanguageModel
+from vlm.model import VisionLanguageModel, VLMConfig
 from vlm.weights import CheckpointError
 
 
@@ -109,8 +110,9 @@ def test_sampling_is_seeded_and_varies(parts) -> None:
     assert a != vlm.ask(None, "Tell me a story.", max_new_tokens=12, temperature=1.5, top_p=0.95, top_k=50)
 
 
-def test_save_and_load_round_trip_gives_identical_logits(parts, tmp_path) -> None:
-    vlm = build(parts, projector={"kind": "mlp"}, vision_feature_layer=-2)
+@pytest.mark.parametrize("projector", [{"kind": "mlp"}, {"kind": "pixel_shuffle", "pooled_token": True}])
+def test_save_and_load_round_trip_gives_identical_logits(parts, tmp_path, projector) -> None:
+    vlm = build(parts, projector=projector, vision_feature_layer=-2)
     vlm.save_pretrained(tmp_path)
     again = VisionLanguageModel.from_pretrained(
         tmp_path, lm=(copy.deepcopy(parts[0]), copy.deepcopy(parts[1]))
@@ -171,3 +173,21 @@ def test_bad_prompts_are_clear_errors(parts) -> None:
         vlm.prepare([[{"role": "assistant", "content": [{"type": "image", "image": images(1)[0]}]}]])
     with pytest.raises(ValueError, match="max_new_tokens"):
         vlm.ask(None, "hi", max_new_tokens=0)
+
+
+def test_the_pooled_token_is_the_tower_pooled_embedding_spliced_first(parts) -> None:
+    vlm = build(parts, projector={"kind": "pixel_shuffle", "pooled_token": True})
+    rows, cols = vlm.config.grid
+    assert vlm.tokens_per_image == 1 + (rows // 2) * (cols // 2)
+    batch = vlm.prepare([[user("What is it?", images(1))]], for_generation=True)
+    assert int((batch.input_ids == vlm.image_token_id).sum()) == vlm.tokens_per_image
+    with torch.no_grad():
+        tokens = vlm.encode_images(batch.pixel_values)
+        pooled = vlm.vision(batch.pixel_values).pooler_output
+    torch.testing.assert_close(tokens[:, 0], vlm.projector.pooled(pooled))
+    assert isinstance(vlm.generate([[user("What is it?", images(1))]], max_new_tokens=3)[0], str)
+    headless = VLMConfig(
+        vision=replace(VISION, vision_use_head=False), projector=vlm.config.projector, lm_source="unused"
+    )
+    with pytest.raises(ValueError, match="pooling head"):
+        VisionLanguageModel.build(headless, lm=(copy.deepcopy(parts[0]), copy.deepcopy(parts[1])))

@@ -43,3 +43,20 @@ def test_pixel_shuffle_needs_a_divisible_grid() -> None:
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="linear, mlp or pixel_shuffle"):
         ProjectorConfig(8, 8, kind="qformer")
+
+
+@pytest.mark.parametrize("kind", ["linear", "pixel_shuffle"])
+def test_pooled_token_comes_first_from_its_own_map(kind: str) -> None:
+    config = ProjectorConfig(vision_hidden_size=24, text_hidden_size=40, kind=kind, pooled_token=True)
+    projector = Projector(config)
+    assert {"pooled.weight", "pooled.bias"} <= set(projector.state_dict())
+    x, pooled = torch.randn(3, 64, 24), torch.randn(3, 24)
+    out = projector(x, (8, 8), pooled)
+    grid_tokens = 16 if kind == "pixel_shuffle" else 64
+    assert out.shape == (3, 1 + grid_tokens, 40) and config.num_tokens((8, 8)) == 1 + grid_tokens
+    torch.testing.assert_close(out[:, 0], projector.pooled(pooled))
+    without = Projector(ProjectorConfig(24, 40, kind=kind))
+    without.load_state_dict({k: v for k, v in projector.state_dict().items() if not k.startswith("pooled.")})
+    torch.testing.assert_close(out[:, 1:], without(x, (8, 8)))  # the grid tokens are untouched
+    with pytest.raises(ValueError, match="pooled embedding"):
+        projector(x, (8, 8))

@@ -68,6 +68,9 @@ class ModelSection:
     num_attention_heads: int = 3
     projector: Literal["linear", "mlp", "pixel_shuffle"] = "pixel_shuffle"
     scale_factor: int = 2
+    pooled_token: bool = (
+        False  # also the tower's pooled embedding, as one more image token (vlm/projector.py)
+    )
     lm: str = DEFAULT_LM
     quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the frozen LM in 4-bit
     vision_feature_layer: int = -1
@@ -150,7 +153,7 @@ def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
     config = VLMConfig(
         vision=vision_config,
         projector=ProjectorConfig(
-            vision_config.hidden_size, lm.config.hidden_size, m.projector, m.scale_factor
+            vision_config.hidden_size, lm.config.hidden_size, m.projector, m.scale_factor, m.pooled_token
         ),
         lm_source=m.lm,
         vision_feature_layer=m.vision_feature_layer,

@@ -138,6 +138,10 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("the projector's vision_hidden_size differs from the vision tower's hidden_size")
         if projector.config.text_hidden_size != lm.get_input_embeddings().embedding_dim:
             raise ValueError("the projector's text_hidden_size differs from the LM's embedding width")
+        if projector.config.pooled_token and vision.head is None:
+            raise ValueError(
+                "the projector's pooled_token needs a tower with a pooling head (vision_use_head)"
+            )
         self.config = config
         self.vision = vision
         self.projector = projector
@@ -193,7 +197,7 @@ class VisionLanguageModel(nn.Module):
         layer = self.config.vision_feature_layer
         out = self.vision(pixel_values, output_hidden_states=layer != -1)
         features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (n, N, D_v)
-        return self.projector(features, self.config.grid)
+        return self.projector(features, self.config.grid, out.pooler_output)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """LM input embeddings with each image's tokens spliced in at its placeholders: (B, L, D_lm)."""

@@ -4,6 +4,11 @@ References
 - LLaVA (Liu et al., 2023): `linear`, one matrix; LLaVA-1.5: `mlp`, Linear-GELU-Linear.
 - Idefics3 / SmolVLM / nanoVLM: `pixel_shuffle`, a space-to-depth rearrangement that folds each f x f block
   of patches into one token (f^2 fewer image tokens, f^2 wider), then a linear map.
+
+`pooled_token` (any kind) puts one more token first: the tower's pooled embedding (SigLIP's attention-pooling
+head, the vector its contrastive training shaped) through its own linear map. It hands the LM the whole-image
+summary the dual encoder learned, which patch tokens only hold spread out: a tower that reads easy-VQA's
+shapes zero-shot at 98% left a VLM reading only its patch tokens at ~70% on shape questions after 1,000 steps.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class ProjectorConfig:
     text_hidden_size: int
     kind: ProjectorKind = "linear"
     scale_factor: int = 2  # pixel_shuffle only: f, the side of the block of patches merged into one token
+    pooled_token: bool = False  # one more token, first: the tower's pooled (MAP head) embedding
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "mlp", "pixel_shuffle"):
@@ -34,10 +40,11 @@ class ProjectorConfig:
     def num_tokens(self, grid: tuple[int, int]) -> int:
         """Image tokens the LM sees for a (rows, cols) patch grid."""
         rows, cols = grid
+        extra = int(self.pooled_token)
         if self.kind != "pixel_shuffle":
-            return rows * cols
+            return rows * cols + extra
         check_divisible(grid, self.scale_factor)
-        return (rows // self.scale_factor) * (cols // self.scale_factor)
+        return (rows // self.scale_factor) * (cols // self.scale_factor) + extra
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
@@ -78,6 +85,8 @@ class Projector(nn.Module):
             self.linear_2 = nn.Linear(config.text_hidden_size, config.text_hidden_size)
         else:
             self.linear_1 = nn.Linear(d_in, config.text_hidden_size)
+        if config.pooled_token:
+            self.pooled = nn.Linear(config.vision_hidden_size, config.text_hidden_size)
 
     @torch.no_grad()
     def match_output_scale(self, target_rms: float) -> None:
@@ -87,16 +96,24 @@ class Projector(nn.Module):
         With PyTorch's default init the image tokens come out ~10x larger than SmolLM2's token embeddings;
         they then dominate the residual stream they enter, and the LM learns to read them far more slowly.
         """
-        last = self.linear_2 if self.config.kind == "mlp" else self.linear_1
-        last.weight.normal_(0.0, target_rms / last.in_features**0.5)
-        last.bias.zero_()
+        last = [self.linear_2 if self.config.kind == "mlp" else self.linear_1]
+        for layer in last + ([self.pooled] if self.config.pooled_token else []):
+            layer.weight.normal_(0.0, target_rms / layer.in_features**0.5)
+            layer.bias.zero_()
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: (B, N, D_vision) patch embeddings of a row-major `grid` (square when None) -> (B, T, D_lm)."""
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int] | None = None, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, D_vision) patch embeddings of a row-major `grid` (square when None) -> (B, T, D_lm);
+        `pooled` (B, D_vision), the tower's pooled embedding, is required with `pooled_token`."""
         if self.config.kind == "pixel_shuffle":
             side = math.isqrt(x.shape[1])
             x = pixel_shuffle(x, grid or (side, side), self.config.scale_factor)
         x = self.linear_1(x)
         if self.config.kind == "mlp":
             x = self.linear_2(self.act(x))
+        if self.config.pooled_token:
+            if pooled is None:
+                raise ValueError("this projector has a pooled token: pass the tower's pooled embedding")
+            x = torch.cat([self.pooled(pooled).unsqueeze(1), x], dim=1)  # (B, 1 + T, D_lm)
         return x
