@@ -128,3 +128,35 @@ def test_merged_standalone_folder_loads_without_the_adapter(parts, tmp_path) -> 
 def test_not_an_adapter_folder(parts, tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not a LoRA adapter folder"):
         load_adapter(build(parts), tmp_path)
+
+
+def test_adapter_on_text_false_leaves_text_only_chat_to_the_base_lm(parts) -> None:
+    base = build(parts)  # the same seed: the same tower, projector and LM, and no adapter
+    vlm = build(parts, adapter_on_text=False)
+    add_lora(vlm, LoraSettings(r=4, alpha=8, dropout=0.0))
+    randomize_lora_(vlm)
+    flags = {n: p.requires_grad for n, p in vlm.named_parameters()}
+    text = [[user("Tell me a story.")]]
+    assert vlm.generate(text, max_new_tokens=12) == base.generate(text, max_new_tokens=12)
+    assert {n: p.requires_grad for n, p in vlm.named_parameters()} == flags  # the adapter is back, as it was
+    seen = [[user("Tell me a story.", images(1))]]
+    assert vlm.generate(seen, max_new_tokens=12) != base.generate(seen, max_new_tokens=12)  # on with an image
+    with_adapter = build(parts)
+    add_lora(with_adapter, LoraSettings(r=4, alpha=8, dropout=0.0))
+    randomize_lora_(with_adapter)
+    assert with_adapter.generate(text, max_new_tokens=12) != base.generate(text, max_new_tokens=12)
+
+
+def test_evaluation_follows_adapter_on_text_row_by_row(parts) -> None:
+    from vlm.evaluate import generate_answers
+
+    vlm = build(parts, adapter_on_text=False)
+    add_lora(vlm, LoraSettings(r=4, alpha=8, dropout=0.0))
+    randomize_lora_(vlm)
+    prompts = ["What is it?", "Tell me a story.", "What colour?", "Say hi."]
+    sources = [images(1)[0], None, images(2)[1], None]
+    one_by_one = [
+        vlm.generate([[user(p, [s] if s else [])]], max_new_tokens=8)[0]
+        for p, s in zip(prompts, sources, strict=True)
+    ]
+    assert generate_answers(vlm, prompts, sources, batch_size=4, progress=False) == one_by_one

@@ -75,6 +75,7 @@ class ModelSection:
     quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the frozen LM in 4-bit
     vision_feature_layer: int = -1
     system_prompt: str | None = None
+    adapter_on_text: bool = True  # False: text-only chat bypasses LoRA (VLMConfig.adapter_on_text)
     train_vision: Literal["frozen", "full", "lora"] = "frozen"
 
 
@@ -159,6 +160,7 @@ def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
         vision_feature_layer=m.vision_feature_layer,
         system_prompt=m.system_prompt,
         freeze=freeze,
+        adapter_on_text=m.adapter_on_text,
     )
     model = VisionLanguageModel.build(config, lm=(lm, tokenizer))
     if vision is not None:

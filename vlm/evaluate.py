@@ -110,6 +110,19 @@ def generate_answers(
     settings = model.generation_kwargs(max_new_tokens=max_new_tokens)  # validates max_new_tokens too
     if not prompts:
         return []
+    with_image = [i for i, image in enumerate(images) if image is not None]
+    if not model.config.adapter_on_text and 0 < len(with_image) < len(images):
+        # The adapter is on for prompts with an image and off for those without (`adapter_on_text`), as in
+        # `generate`: answer the two groups apart, each with its own shared prefix.
+        answers = [""] * len(prompts)
+        for group in (with_image, [i for i, image in enumerate(images) if image is None]):
+            texts = generate_answers(
+                model, [prompts[i] for i in group], [images[i] for i in group], batch_size, max_new_tokens,
+                bf16, progress, image_cache_bytes, share_prefix, desc,
+            )  # fmt: skip
+            for i, text in zip(group, texts, strict=True):
+                answers[i] = text
+        return answers
 
     # Distinct images, each under a hashable key; row i's image is sources[image_of[i]] (-1: none).
     keys: dict[Any, int] = {}
@@ -145,7 +158,12 @@ def generate_answers(
     # Longest first: each batch holds prompts of nearly one length, and a batch that will not fit in memory
     # fails at once. Ties keep one image's rows together, so they share its cached embeddings.
     order = sorted(range(len(prompts)), key=lambda i: (-len(ids[i]), image_of[i], i))
-    prefix = ids[0][: _shared_prefix_length(ids, model.image_token_id)] if share_prefix else []
+    # A model that bypasses its adapter for text-only prompts (`adapter_on_text`) would need the shared
+    # prefix computed both ways; such mixed sets simply skip the sharing.
+    both_ways = not model.config.adapter_on_text and -1 in image_of and any(i >= 0 for i in image_of)
+    prefix = (
+        ids[0][: _shared_prefix_length(ids, model.image_token_id)] if share_prefix and not both_ways else []
+    )
     cache = _EmbeddingCache(image_cache_bytes)
     answers: list[str] = [""] * len(prompts)
     device = model.lm.device
@@ -157,7 +175,7 @@ def generate_answers(
         with torch.inference_mode():
             # The prefix's keys and values, computed once (batch 1) and copied into every batch's cache.
             prefix_ids = torch.tensor([prefix], dtype=torch.long, device=device)
-            with _bf16(device, autocast):
+            with _bf16(device, autocast), model.adapter_for(has_images=-1 not in image_of):
                 prefix_cache = model.lm(input_ids=prefix_ids, use_cache=True).cache if prefix else None
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
@@ -167,7 +185,7 @@ def generate_answers(
                     model, sources, [image_of[i] for i in rows if image_of[i] >= 0], cache
                 )
                 suffixes = [ids[i][len(prefix) :] for i in rows]
-                with _bf16(device, autocast):
+                with _bf16(device, autocast), model.adapter_for(image_embeds is not None):
                     texts = _generate_batch(model, prefix_ids, prefix_cache, suffixes, image_embeds, settings)
                 for i, text in zip(rows, texts, strict=True):
                     answers[i] = text

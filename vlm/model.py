@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ CONFIG_KEYS = {
     "vision_feature_layer",
     "system_prompt",
     "freeze",
+    "adapter_on_text",
 }
 
 
@@ -62,6 +64,10 @@ class VLMConfig:
     system_prompt: str | None = None
     # Module paths whose parameters are frozen ("vision", "lm", "vision.encoder.layers.0", ...).
     freeze: tuple[str, ...] = ("vision", "lm")
+    # False: generation for conversations without any image bypasses the LoRA adapter, so text-only chat is
+    # the base LM's own. For adapters trained only on image questions with short answers (easy-VQA's one
+    # word), which otherwise answer "What is the capital of France?" with "France".
+    adapter_on_text: bool = True
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -82,6 +88,7 @@ class VLMConfig:
             "vision_feature_layer": self.vision_feature_layer,
             "system_prompt": self.system_prompt,
             "freeze": list(self.freeze),
+            "adapter_on_text": self.adapter_on_text,
         }
 
     @classmethod
@@ -100,6 +107,7 @@ class VLMConfig:
             vision_feature_layer=int(d.get("vision_feature_layer", -1)),
             system_prompt=d.get("system_prompt"),
             freeze=tuple(d.get("freeze", ())),
+            adapter_on_text=bool(d.get("adapter_on_text", True)),
         )
 
 
@@ -314,15 +322,37 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(batch.input_ids, batch.pixel_values)
         # input_ids travel beside inputs_embeds so the repetition penalty also sees the prompt, as it would
         # for a text-only LM; the LM reads only the embeddings for the prompt.
-        out = self.lm.generate(
-            input_ids=batch.input_ids,
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            streamer=streamer,
-            **self.generation_kwargs(**settings),
-        )
+        with self.adapter_for(batch.pixel_values is not None):
+            out = self.lm.generate(
+                input_ids=batch.input_ids,
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                streamer=streamer,
+                **self.generation_kwargs(**settings),
+            )
         new = out[:, batch.input_ids.shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    @contextmanager
+    def adapter_for(self, has_images: bool) -> Iterator[None]:
+        """The LM's LoRA adapter as `config.adapter_on_text` says for a batch with or without images: on,
+        or switched off for the duration (requires_grad flags restored after)."""
+        if has_images or self.config.adapter_on_text:
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+            for p, flag in flags:
+                p.requires_grad = flag
 
     def stream_conversation(self, conversation: Sequence[Message], **settings: Any) -> Iterator[str]:
         """Yield the answer to one conversation piece by piece as it is generated."""

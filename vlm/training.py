@@ -176,9 +176,9 @@ def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path
     return None
 
 
-# What a resumed run may change: how long it runs and how it reports. Anything else (model, data, LR, batch,
-# seed, ...) would make the continued run a different run than the checkpoint's.
-RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.eval_batch_size",
+# What a resumed run may change: how long it runs, how it reports, where its folder is (a copied or moved run).
+# Anything else (model, data, LR, batch, seed, ...) would make the continued run a different run.
+RESUMABLE_CHANGES = ("train.out_dir", "train.steps", "train.checkpoint_every", "train.eval_every", "train.eval_batch_size",
                      "train.log_every", "train.tensorboard", "data.eval", "eval.")  # fmt: skip
 
 
