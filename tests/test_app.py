@@ -313,9 +313,7 @@ def test_twenty_concurrent_clients_all_get_answers(served) -> None:
     assert again
 
 
-def test_the_shipped_model_names_the_colour_through_the_api() -> None:
-    # The shipped model knows colours (94% on easy-VQA test colour questions) but not yet shapes (35%, about
-    # chance; see vlm/default_model/README.md), so the API is checked on colour, which it has learned.
+def test_the_shipped_model_names_shape_and_colour_through_the_api() -> None:
     model, info = load_model()
     assert info.trained_on != UNTRAINED
     app, url = launch(model=model, model_info=info, port=free_port(), block=False)
@@ -324,8 +322,11 @@ def test_the_shipped_model_names_the_colour_through_the_api() -> None:
         for example in EXAMPLES:
             if not example.file.startswith("easyvqa_"):
                 continue
-            colour = example.file.split("_")[2]  # easyvqa_<id>_<colour>_<shape>.png
-            answer = client.predict(handle_file(str(example.path)), "What color is the shape?", 16, 0.0, 1.0, api_name="/ask")  # fmt: skip
+            colour, shape = Path(example.file).stem.split("_")[2:]  # easyvqa_<id>_<colour>_<shape>.png
+            image = handle_file(str(example.path))
+            answer = client.predict(image, "What shape is in the image?", 16, 0.0, 1.0, api_name="/ask")
+            assert shape in answer.lower(), (example.file, answer)
+            answer = client.predict(image, "What color is the shape?", 16, 0.0, 1.0, api_name="/ask")
             assert colour in answer.lower(), (example.file, answer)
     finally:
         app.close()

@@ -22,7 +22,7 @@ def test_it_is_the_trained_model(model) -> None:
     from vlm.lora import lora_modules
 
     assert lora_modules(model), "the shipped model carries its LoRA adapter"
-    assert model.tokens_per_image == 16
+    assert model.config.projector.pooled_token and model.tokens_per_image == 16 + 1
 
 
 def test_accuracy_on_a_fixed_sample_holds_what_the_card_states(model) -> None:
