@@ -50,18 +50,10 @@ sys.path.insert(0, str(ROOT))
 from vlm.data.vqa import build_easy_vqa_questions, to_conversation  # noqa: E402
 from vlm.lm import DEFAULT_LM, resolve_lm_source  # noqa: E402
 from vlm.lora import LoraSettings, add_lora  # noqa: E402
-from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
+from vlm.model import DEFAULT_CONFIG, Batch, VisionLanguageModel, VLMConfig  # noqa: E402
 from vlm.projector import ProjectorConfig  # noqa: E402
-from vlm.siglip import SiglipVisionConfig  # noqa: E402
 
-TOWER = SiglipVisionConfig(
-    image_size=64,
-    patch_size=8,
-    hidden_size=192,
-    intermediate_size=768,
-    num_hidden_layers=6,
-    num_attention_heads=3,
-)
+TOWER = DEFAULT_CONFIG.vision  # the offline default's tower shape
 FEATURE_LAYER = -2
 LORA = LoraSettings(r=16, alpha=32, dropout=0.0)
 CASES = ("ours", "llava", "ours_pixel_shuffle")
