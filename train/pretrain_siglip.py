@@ -340,6 +340,25 @@ def _dedupe_captions(data: datasets.Dataset) -> datasets.Dataset:
     return data.select(sorted(seen.values()))
 
 
+def easy_vqa_probe(
+    model: SiglipModel, tokenizer: PreTrainedTokenizerBase, data: datasets.Dataset, batch_size: int = 128
+) -> dict[str, float]:
+    """Shape and colour read zero-shot from easy-VQA images (`SOURCES["easy_vqa"]` rows whose shape and colour
+    are known): each image is scored against all 24 captions "a {colour} {shape}" and the best one's shape
+    and colour are compared with the truth. This is what a VLM built on the tower has to see (chance: 1/3 for
+    shape, 1/8 for colour)."""
+    combos = [(c, s) for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+    probs = zero_shot(model, tokenizer, data["image"], [f"{c} {s}" for c, s in combos], ["a {}"], batch_size)
+    best = [combos[i] for i in probs.argmax(-1).tolist()]
+    truth = list(zip(data["color"], data["shape"], strict=True))
+    n = len(truth)
+    return {
+        "easy_vqa_shape": sum(b[1] == t[1] for b, t in zip(best, truth, strict=True)) / n,
+        "easy_vqa_color": sum(b[0] == t[0] for b, t in zip(best, truth, strict=True)) / n,
+        "easy_vqa_images": n,
+    }
+
+
 class Evaluator:
     """Zero-shot and retrieval evaluation of a dual encoder, with its baselines.
 
@@ -422,25 +441,6 @@ class Evaluator:
             out["retrieval_pixel_gallery"] = sum(len(g) for g in self.galleries)
         return out
 
-    def _easy_vqa_probe(self, model: SiglipModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        """Shape and colour read zero-shot from held-out easy-VQA images: the image is scored against all
-        24 captions "a {colour} {shape}" and the best one's shape and colour are compared with the truth.
-        This is what a VLM built on the tower has to see (chance: 1/3 for shape, 1/8 for colour)."""
-        assert self.easy_vqa is not None
-        combos = [(c, s) for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
-        probs = zero_shot(
-            model, tokenizer, self.easy_vqa["image"], [f"{c} {s}" for c, s in combos], ["a {}"],
-            self.cfg.batch_size,
-        )  # fmt: skip
-        best = [combos[i] for i in probs.argmax(-1).tolist()]
-        truth = list(zip(self.easy_vqa["color"], self.easy_vqa["shape"], strict=True))
-        n = len(truth)
-        return {
-            "easy_vqa_shape": sum(b[1] == t[1] for b, t in zip(best, truth, strict=True)) / n,
-            "easy_vqa_color": sum(b[0] == t[0] for b, t in zip(best, truth, strict=True)) / n,
-            "easy_vqa_images": n,
-        }
-
     def __call__(self, model: SiglipModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
         """{metric: value}: the model's scores, then the baselines' (computed at the first call)."""
         if self.baselines is None:
@@ -461,7 +461,7 @@ class Evaluator:
             )
             out |= {f"retrieval_{k}": v for k, v in recall.items()}
         if self.easy_vqa is not None:
-            out |= self._easy_vqa_probe(model, tokenizer)
+            out |= easy_vqa_probe(model, tokenizer, self.easy_vqa, self.cfg.batch_size)
         model.train(was_training)
         return out | self.baselines
 
@@ -553,12 +553,10 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
     evaluator = Evaluator(cfg.eval, sources, size, log) if accelerator.is_main_process else None
 
     # One id per distinct caption (as tokenised), the same on every process: equal ids are matches.
-    caption_ids = torch.unique(torch.cat(ids), dim=0, return_inverse=True)[1].split([len(x) for x in ids])
+    distinct, inverse = torch.unique(torch.cat(ids), dim=0, return_inverse=True)
+    caption_ids = inverse.split([len(x) for x in ids])
     if t.equal_captions_match:
-        distinct = int(max(int(c.max()) for c in caption_ids if len(c)) + 1)
-        log(
-            f"{distinct:,} distinct captions among {sum(len(c) for c in caption_ids):,} pairs; equal ones match"
-        )
+        log(f"{len(distinct):,} distinct captions among {len(inverse):,} pairs; equal ones match")
 
     def micro_batches(position: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """This step's micro-batches for this process: (pixels (b, 3, H, W), input ids (b, length), caption

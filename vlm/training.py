@@ -193,7 +193,7 @@ def check_resumable(folder: Path, config: dict[str, Any]) -> None:
             out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
         return out
 
-    old, new = flat(json.loads(json.dumps(saved))), flat(json.loads(json.dumps(config)))  # lists, not tuples
+    old, new = flat(saved), flat(json.loads(json.dumps(config)))  # as saved: tuples become lists
     differ = [
         k for k in sorted(old.keys() | new.keys())
         if old.get(k) != new.get(k) and not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)
