@@ -68,9 +68,8 @@ class ModelSection:
     num_attention_heads: int = 3
     projector: Literal["linear", "mlp", "pixel_shuffle"] = "pixel_shuffle"
     scale_factor: int = 2
-    pooled_token: bool = (
-        False  # also the tower's pooled embedding, as one more image token (vlm/projector.py)
-    )
+    # Also the tower's pooled embedding, as one more image token (vlm/projector.py).
+    pooled_token: bool = False
     lm: str = DEFAULT_LM
     quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the frozen LM in 4-bit
     vision_feature_layer: int = -1

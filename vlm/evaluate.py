@@ -158,12 +158,7 @@ def generate_answers(
     # Longest first: each batch holds prompts of nearly one length, and a batch that will not fit in memory
     # fails at once. Ties keep one image's rows together, so they share its cached embeddings.
     order = sorted(range(len(prompts)), key=lambda i: (-len(ids[i]), image_of[i], i))
-    # A model that bypasses its adapter for text-only prompts (`adapter_on_text`) would need the shared
-    # prefix computed both ways; such mixed sets simply skip the sharing.
-    both_ways = not model.config.adapter_on_text and -1 in image_of and any(i >= 0 for i in image_of)
-    prefix = (
-        ids[0][: _shared_prefix_length(ids, model.image_token_id)] if share_prefix and not both_ways else []
-    )
+    prefix = ids[0][: _shared_prefix_length(ids, model.image_token_id)] if share_prefix else []
     cache = _EmbeddingCache(image_cache_bytes)
     answers: list[str] = [""] * len(prompts)
     device = model.lm.device
@@ -175,6 +170,8 @@ def generate_answers(
         with torch.inference_mode():
             # The prefix's keys and values, computed once (batch 1) and copied into every batch's cache.
             prefix_ids = torch.tensor([prefix], dtype=torch.long, device=device)
+            # Mixed image/text-only sets were split above when the adapter is off for text, so the prefix
+            # belongs to one side only.
             with _bf16(device, autocast), model.adapter_for(has_images=-1 not in image_of):
                 prefix_cache = model.lm(input_ids=prefix_ids, use_cache=True).cache if prefix else None
             for start in range(0, len(order), batch_size):
