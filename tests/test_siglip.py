@@ -8,7 +8,8 @@ from hf_models import hf_siglip, hf_vision, randomize_, save
 from transformers import SiglipVisionConfig as HFVisionConfig
 from transformers import SiglipVisionModel
 
-from vlm import SiglipVisionConfig, SiglipVisionEncoder
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+from vlm.weights import load_vision_encoder
 
 EXACT = dict(atol=1e-5, rtol=0.0)
 
@@ -42,16 +43,16 @@ def assert_same_outputs(ours: SiglipVisionEncoder, hf: SiglipVisionModel, pixels
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_matches_reference_loaded_through_from_pretrained(name: str, tmp_path) -> None:
+def test_matches_reference_loaded_through_load_vision_encoder(name: str, tmp_path) -> None:
     hf = hf_vision(**CONFIGS[name])
-    ours = SiglipVisionEncoder.from_pretrained(save(hf, tmp_path))
+    ours = load_vision_encoder(save(hf, tmp_path))
     size = hf.config.image_size
     assert_same_outputs(ours, hf, torch.randn(3, 3, size, size))
 
 
 def test_vision_tower_of_a_full_siglip_checkpoint(tmp_path) -> None:
     hf = hf_siglip()
-    ours = SiglipVisionEncoder.from_pretrained(save(hf, tmp_path))
+    ours = load_vision_encoder(save(hf, tmp_path))
     assert_same_outputs(ours, hf.vision_model, torch.randn(2, 3, 32, 32))
 
 

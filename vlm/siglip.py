@@ -6,7 +6,8 @@ References
 - Hugging Face `transformers` `SiglipVisionModel`: the reference this file is tested against, numerically.
 
 Module and parameter names equal the Hugging Face checkpoint keys (minus the `vision_model.` prefix), so
-loading a real checkpoint is "strip the prefix, strict `load_state_dict`" (see `vlm/weights.py`).
+loading a real checkpoint is "strip the prefix, strict `load_state_dict`": `vlm.weights.load_vision_encoder`
+does it. The tower itself is plain torch and imports nothing of `vlm` (no files, no image decoding).
 
 Deliberate deviations from the reference
 - No attention-backend registry: one `Attention.forward` with two plain paths, fused
@@ -26,17 +27,12 @@ Deliberate deviations from the reference
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:  # only for type hints: the tower itself never imports the layers above it
-    from PIL import Image
 
 # hidden_act -> F.gelu's `approximate`, which is also the name oneDNN gives the same GELU ("tanh" or "none").
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh", "gelu": "none"}  # SigLIP uses the tanh one
@@ -388,40 +384,16 @@ class SiglipVisionEncoder(nn.Module):
             head_attentions=head_weights if output_attentions else None,
         )
 
-    # Conveniences in the style users know from transformers. They delegate to the layers above the tower
-    # (weights, processing), imported at call time so the tower itself stays plain torch.
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> SiglipVisionEncoder:
-        """Load a `SiglipModel` or `SiglipVisionModel` checkpoint (hub id or local folder), strictly."""
-        from vlm.weights import load_vision_encoder
-
-        return load_vision_encoder(name_or_path, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` + `model.safetensors` in the `SiglipVisionModel` format."""
-        from vlm.weights import save_vision_encoder
-
-        save_vision_encoder(self, directory)
-
     @torch.inference_mode()
-    def embed(
-        self,
-        images: torch.Tensor | Sequence[Image.Image | str | Path],
-        pooled: bool = True,
-        batch_size: int = 32,
-    ) -> torch.Tensor:
-        """Images (PIL images, file paths, or a preprocessed (B, C, H, W) tensor) -> embeddings.
+    def embed(self, pixel_values: torch.Tensor, pooled: bool = True, batch_size: int = 32) -> torch.Tensor:
+        """Preprocessed pixels (B, C, H, W) -> float32 embeddings, `batch_size` images at a time.
 
-        Returns (B, D) pooled embeddings (the MAP head's output; the mean of the patch tokens when the
-        model has no head), or (B, N, D) patch embeddings with `pooled=False`."""
-        if not isinstance(images, torch.Tensor):
-            from vlm.processing import SiglipImageProcessor
-
-            images = SiglipImageProcessor(self.config.image_size)(images)
+        Returns (B, D) pooled embeddings (the MAP head's output; the mean of the patch tokens when the model
+        has no head), or (B, N, D) patch embeddings with `pooled=False`. Files and PIL images:
+        `vlm.embeddings.embed_images`, which preprocesses them and calls this."""
         param = next(self.parameters())
         outs = []
-        for batch in images.split(batch_size):
+        for batch in pixel_values.split(batch_size):
             out = self(batch.to(param.device, param.dtype))
             if not pooled:
                 outs.append(out.last_hidden_state)

@@ -7,7 +7,8 @@ References
 - Hugging Face `transformers` `SiglipModel`: the reference this file is tested against, numerically.
 
 Parameter names equal the `SiglipModel` checkpoint keys (`vision_model.*`, `text_model.*`, `logit_scale`,
-`logit_bias`), so loading is one strict `load_state_dict` of the whole file (bottom of this file).
+`logit_bias`), so loading is one strict `load_state_dict` of the whole file (`vlm.weights.load_siglip_model`;
+this file, like the towers, knows nothing of files).
 
 Deliberate deviations from the reference
 - `logit_scale` and `logit_bias` start at the paper's log(10) and -10; transformers 5 starts both at 0.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,23 +136,6 @@ class SiglipModel(nn.Module):
         several labels, or none. Use `argmax(-1)` to classify."""
         return torch.sigmoid(self(input_ids, pixel_values, attention_mask).logits_per_image)
 
-    # Conveniences in the style users know from transformers; the functions are at the bottom of this file.
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> SiglipModel:
-        """Load a `SiglipModel` checkpoint (hub id or local folder, e.g. `google/siglip-base-patch16-224`),
-        strictly."""
-        return load_siglip_model(name_or_path, dtype=dtype, device=device)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` in transformers' `SiglipModel` format."""
-        return save_siglip_model(self, directory)
-
 
 @torch.no_grad()
 def retrieval_recall(
@@ -180,61 +163,3 @@ def retrieval_recall(
         out[f"image_to_text@{k}"] = (image_rank < k).float().mean().item()
         out[f"text_to_image@{k}"] = (text_rank < k).float().mean().item()
     return out
-
-
-# --- checkpoints: transformers' `SiglipModel` format ----------------------------------------------------------
-# The I/O helpers come from `vlm.weights`, imported at call time (as `vlm/siglip.py` does), so the model
-# above stays plain torch.
-
-# Non-persistent buffers that older transformers versions wrote into some checkpoints; skipped on purpose
-# (our position ids are implicit).
-IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-
-
-def siglip_config_from(config: dict[str, Any], folder: Path) -> SiglipConfig:
-    from vlm.weights import CheckpointError
-
-    if config.get("model_type") != "siglip":
-        raise CheckpointError(
-            f"{folder} holds a {config.get('model_type')!r} checkpoint; a SigLIP dual encoder needs a "
-            "'siglip' one (a SiglipModel with text_config and vision_config)"
-        )
-    try:
-        return SiglipConfig.from_dict(config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{folder}/config.json has an invalid SigLIP config: {err}") from err
-
-
-def load_siglip_model(
-    name_or_path: str | Path,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> SiglipModel:
-    """Build a `SiglipModel` from a transformers `SiglipModel` checkpoint: every key must fit, strictly."""
-    from vlm.weights import load_strict, read_config, read_safetensors, resolve_checkpoint
-
-    folder = resolve_checkpoint(name_or_path)
-    model = SiglipModel(siglip_config_from(read_config(folder), folder))
-    state = read_safetensors(folder, keep=lambda key: key not in IGNORED_KEYS)
-    load_strict(model, state, f"the SigLIP model in {folder}")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def save_siglip_model(model: SiglipModel, directory: str | Path) -> Path:
-    """Write transformers' `SiglipModel` format: `config.json` (model_type "siglip", text_config,
-    vision_config) + `model.safetensors` with the full keys."""
-    from vlm.weights import save_checkpoint
-
-    directory = Path(directory)
-    config = model.config.to_dict()
-    config["text_config"]["model_type"] = "siglip_text_model"
-    config["vision_config"]["model_type"] = "siglip_vision_model"
-    config |= {
-        "architectures": ["SiglipModel"],
-        "model_type": "siglip",
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "initializer_factor": 1.0,
-    }
-    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    save_checkpoint(directory, config, state)
-    return directory

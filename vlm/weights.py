@@ -8,6 +8,9 @@ Loading is "strip the prefix, strict `load_state_dict`" (big_vision's `merge_par
 that does not fit raises one `CheckpointError` listing the missing keys, the unexpected keys and the shape
 mismatches; what is skipped on purpose (a SigLIP text tower when only the vision tower is wanted) is named
 in an explicit ignore list.
+
+This layer sits above the towers: it builds them from files (`load_vision_encoder`, `load_siglip_model`) and
+writes them back (`save_vision_encoder`, `save_siglip_model`), while the towers know nothing of files.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+from vlm.siglip_model import SiglipConfig, SiglipModel
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -35,6 +39,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 VISION_PREFIX = "vision_model."
 # A `SiglipModel` checkpoint also holds these; a vision encoder skips them on purpose.
 NOT_VISION = ("text_model.", "logit_scale", "logit_bias")
+# Non-persistent buffers that older transformers versions wrote into some `SiglipModel` checkpoints; skipped on
+# purpose (our position ids are implicit).
+SIGLIP_IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
 class CheckpointError(ValueError):
@@ -67,6 +74,7 @@ def resolve_checkpoint(name_or_path: str | Path, allow_patterns: Iterable[str] |
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's `config.json` as a dict; a missing or malformed file is a `CheckpointError`."""
     file = folder / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{folder} has no config.json")
@@ -144,7 +152,11 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     module.load_state_dict(state, strict=True)
 
 
+# --- the SigLIP vision tower: transformers' `SiglipVisionModel` (or the vision half of a `SiglipModel`) --------
+
+
 def vision_config_from(config: dict[str, Any], folder: Path) -> SiglipVisionConfig:
+    """The vision tower's config from a `SiglipModel` or `SiglipVisionModel` `config.json` dict."""
     model_type = config.get("model_type")
     if model_type not in ("siglip", "siglip_vision_model"):
         raise CheckpointError(
@@ -175,7 +187,8 @@ def load_vision_encoder(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> SiglipVisionEncoder:
-    """Build a `SiglipVisionEncoder` from a `SiglipModel` or `SiglipVisionModel` checkpoint, strictly."""
+    """Build a `SiglipVisionEncoder` from a `SiglipModel` or `SiglipVisionModel` checkpoint (hub id or local
+    folder, e.g. `google/siglip-base-patch16-224`), strictly; a `SiglipModel`'s text tower is skipped."""
     folder = resolve_checkpoint(name_or_path)
     config = vision_config_from(read_config(folder), folder)
     encoder = SiglipVisionEncoder(config)
@@ -195,6 +208,57 @@ def save_vision_encoder(encoder: SiglipVisionEncoder, directory: str | Path) -> 
     state = {key: value.detach().contiguous().cpu() for key, value in encoder.state_dict().items()}
     save_checkpoint(directory, config, state)
     return directory
+
+
+# --- the SigLIP dual encoder: transformers' `SiglipModel` format ----------------------------------------------
+
+
+def siglip_config_from(config: dict[str, Any], folder: Path) -> SiglipConfig:
+    """The dual encoder's config from a `SiglipModel` `config.json` dict (model_type "siglip")."""
+    if config.get("model_type") != "siglip":
+        raise CheckpointError(
+            f"{folder} holds a {config.get('model_type')!r} checkpoint; a SigLIP dual encoder needs a "
+            "'siglip' one (a SiglipModel with text_config and vision_config)"
+        )
+    try:
+        return SiglipConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/config.json has an invalid SigLIP config: {err}") from err
+
+
+def load_siglip_model(
+    name_or_path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> SiglipModel:
+    """Build a `SiglipModel` from a transformers `SiglipModel` checkpoint (hub id or local folder, e.g.
+    `google/siglip-base-patch16-224`): every key must fit, strictly."""
+    folder = resolve_checkpoint(name_or_path)
+    model = SiglipModel(siglip_config_from(read_config(folder), folder))
+    state = read_safetensors(folder, keep=lambda key: key not in SIGLIP_IGNORED_KEYS)
+    load_strict(model, state, f"the SigLIP model in {folder}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_siglip_model(model: SiglipModel, directory: str | Path) -> Path:
+    """Write transformers' `SiglipModel` format: `config.json` (model_type "siglip", text_config,
+    vision_config) + `model.safetensors` with the full keys."""
+    directory = Path(directory)
+    config = model.config.to_dict()
+    config["text_config"]["model_type"] = "siglip_text_model"
+    config["vision_config"]["model_type"] = "siglip_vision_model"
+    config |= {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "initializer_factor": 1.0,
+    }
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_checkpoint(directory, config, state)
+    return directory
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:

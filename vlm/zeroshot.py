@@ -16,15 +16,17 @@ without an attention mask, as the model was trained (see `vlm/siglip_text.py`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from vlm.processing import ImageSource, SiglipImageProcessor
 from vlm.siglip_model import SiglipModel, retrieval_recall
+from vlm.weights import load_siglip_model, resolve_checkpoint
 
 DEFAULT_TEMPLATES = ("a photo of {}.",)
 # Where a trained dual encoder (model + tokenizer) ships, as `vlm.model.DEFAULT_MODEL_DIR` does for the VLM.
@@ -142,10 +144,6 @@ def load_dual_encoder(
 ) -> tuple[SiglipModel, PreTrainedTokenizerBase]:
     """A SigLIP dual encoder and its tokenizer from one folder (what `train/pretrain_siglip.py` writes to
     `<out_dir>/final`, or a hub id). None means the shipped default, `DEFAULT_SIGLIP_DIR`."""
-    from transformers import AutoTokenizer
-
-    from vlm.weights import resolve_checkpoint
-
     if name_or_path is None:
         if not (DEFAULT_SIGLIP_DIR / "config.json").is_file():
             raise FileNotFoundError(
@@ -154,7 +152,27 @@ def load_dual_encoder(
             )
         name_or_path = DEFAULT_SIGLIP_DIR
     folder = resolve_checkpoint(name_or_path, ["config.json", "*.safetensors", "*.json", "*.model"])
-    return SiglipModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    return load_siglip_model(folder), load_tokenizer(folder)
+
+
+# Tokenizer classes that are a plain `tokenizer.json` with nothing model-specific around it.
+_PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a dual encoder's folder.
+
+    A plain fast tokenizer (`tokenizer.json`, as `train/pretrain_siglip.py` writes) is loaded as that class.
+    `AutoTokenizer` gives the same tokenizer but first reads config.json into transformers' `SiglipConfig`,
+    and printing that config builds a default `SiglipTextConfig`, whose class defaults (bos 49406 and eos
+    49407 in a 32,000-token vocabulary; transformers#47612) log two warnings about ids no file here holds.
+    Other tokenizers (a hub SigLIP's sentencepiece one) go through `AutoTokenizer`."""
+    folder = Path(folder)
+    settings = folder / "tokenizer_config.json"
+    named = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
+    if named in _PLAIN_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def format_scores(labels: Sequence[str], probs: torch.Tensor) -> str:
@@ -174,6 +192,7 @@ __all__ = [
     "format_scores",
     "label_embeddings",
     "load_dual_encoder",
+    "load_tokenizer",
     "parse_labels",
     "retrieval",
     "tokenize",
