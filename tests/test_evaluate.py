@@ -7,26 +7,13 @@ import json
 
 import pytest
 from PIL import Image
+from test_generation import QUESTIONS
 from test_model import build, images, tiny_lm
 from transformers import AutoTokenizer
 
 from vlm.conversation import user
-from vlm.evaluate import (
-    evaluate_captions,
-    evaluate_vqa,
-    generate_answers,
-    load_easy_vqa_rows,
-    load_jsonl_rows,
-)
+from vlm.evaluate import evaluate_captions, evaluate_vqa
 from vlm.model import VisionLanguageModel
-
-QUESTIONS = [
-    "What shape is it?",
-    "What colour is the shape in this picture, if you look closely at it?",
-    "Is there a circle?",
-    "Does the image contain a red shape somewhere?",
-    "What is it?",
-]
 
 
 @pytest.fixture(scope="module")
@@ -61,37 +48,6 @@ def one_by_one(vlm: VisionLanguageModel, rows: list[dict], max_new_tokens: int =
     return [
         vlm.generate([[user(r["question"], [r["image"]])]], max_new_tokens=max_new_tokens)[0] for r in rows
     ]
-
-
-def test_fast_path_answers_exactly_as_one_by_one(vlm, rows) -> None:
-    expected = one_by_one(vlm, rows)
-    assert len(set(expected)) >= 4  # the answers differ by image and question, so a mix-up would show
-    questions, sources = [r["question"] for r in rows], [r["image"] for r in rows]
-    for batch_size in (1, 4, 64):
-        assert generate_answers(vlm, questions, sources, batch_size=batch_size, progress=False) == expected
-    # each trick alone: no shared prefix, no image cache between batches
-    assert (
-        generate_answers(vlm, questions, sources, batch_size=4, share_prefix=False, progress=False)
-        == expected
-    )
-    assert (
-        generate_answers(vlm, questions, sources, batch_size=4, image_cache_bytes=0, progress=False)
-        == expected
-    )
-
-
-def test_a_model_system_prompt_is_used_as_generate_uses_it(smollm2_folder, rows) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
-    vlm = build((tiny_lm(tokenizer), tokenizer), system_prompt="Answer in one word.")
-    questions, sources = [r["question"] for r in rows[:4]], [r["image"] for r in rows[:4]]
-    expected = one_by_one(vlm, rows[:4])
-    assert generate_answers(vlm, questions, sources, batch_size=2, progress=False) == expected
-
-
-def test_prompts_without_images_and_longer_answers(vlm) -> None:
-    prompts = ["Tell me a story.", "What is two plus two?"]
-    expected = [vlm.generate([[user(p)]], max_new_tokens=12)[0] for p in prompts]
-    assert generate_answers(vlm, prompts, [None, None], max_new_tokens=12, progress=False) == expected
 
 
 def test_evaluate_vqa_scores_and_writes_predictions(vlm, rows, tmp_path) -> None:
@@ -163,30 +119,3 @@ def test_pil_images_from_files_are_read_by_path(vlm, tmp_path) -> None:
         vlm, [{"image": opened, "question": "What is it?", "answers": ["x"]}], progress=False
     )
     assert result.predictions[0]["image"] == str(path)
-
-
-def test_jsonl_rows_resolve_relative_images(tmp_path) -> None:
-    (tmp_path / "data.jsonl").write_text(
-        '{"image": "img/a.png", "question": "q", "answers": ["a"]}\n\n{"image": "/abs/b.png", "question": "r", "answers": ["b"]}\n'
-    )
-    rows = load_jsonl_rows(tmp_path / "data.jsonl")
-    assert [r["image"] for r in rows] == [str(tmp_path / "img" / "a.png"), "/abs/b.png"]
-    sample = load_jsonl_rows(tmp_path / "data.jsonl", limit=1, seed=0)
-    assert len(sample) == 1 and sample[0] in rows
-    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
-        load_jsonl_rows(tmp_path / "bad.jsonl")
-
-
-def test_easy_vqa_rows() -> None:
-    pytest.importorskip("easy_vqa")
-    rows = load_easy_vqa_rows("test", limit=200, seed=0)
-    assert len(rows) == 200 and rows == load_easy_vqa_rows("test", limit=200, seed=0)  # a fixed sample
-    assert rows != load_easy_vqa_rows("test", limit=200, seed=1)
-    assert {r["question_type"] for r in rows} == {"shape", "color", "yes/no"}
-    for row in rows:
-        assert len(row["answers"]) == 1
-        kind = row["question_type"]
-        assert (row["answers"][0] in ("yes", "no")) == (kind == "yes/no")
-        assert (row["answers"][0] in ("circle", "rectangle", "triangle")) == (kind == "shape")
-    assert len(load_easy_vqa_rows("test")) == 9673

@@ -148,8 +148,6 @@ def test_adapter_on_text_false_leaves_text_only_chat_to_the_base_lm(parts) -> No
 
 
 def test_evaluation_follows_adapter_on_text_row_by_row(parts) -> None:
-    from vlm.evaluate import generate_answers
-
     vlm = build(parts, adapter_on_text=False)
     add_lora(vlm, LoraSettings(r=4, alpha=8, dropout=0.0))
     randomize_lora_(vlm)
@@ -159,4 +157,18 @@ def test_evaluation_follows_adapter_on_text_row_by_row(parts) -> None:
         vlm.generate([[user(p, [s] if s else [])]], max_new_tokens=8)[0]
         for p, s in zip(prompts, sources, strict=True)
     ]
-    assert generate_answers(vlm, prompts, sources, batch_size=4, progress=False) == one_by_one
+    assert vlm.generate_answers(prompts, sources, batch_size=4, progress=False) == one_by_one
+
+
+def test_bitsandbytes_kernel_warning_is_muted_only_while_it_is_imported(caplog) -> None:
+    import logging
+
+    from vlm.lm import quiet_bitsandbytes_import
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        with quiet_bitsandbytes_import():
+            log.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+            log.error("a real error still shows")
+        log.warning("after the import: shown")
+    assert [r.getMessage() for r in caplog.records] == ["a real error still shows", "after the import: shown"]

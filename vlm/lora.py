@@ -5,6 +5,9 @@ vision tower included when asked (`vision\\.encoder\\.layers\\.\\d+\\.self_attn\
 a regex anchored at `lm\\.` can never land on the tower by accident. The adapter folder is peft's format
 (`adapter_config.json` + `adapter_model.safetensors`) with keys named after the VLM's modules.
 
+This module sits below `vlm.model` (which imports it when a model has an adapter): it works on any module that
+has a `config.freeze` tuple and a `freeze(paths)` method, as `VisionLanguageModel` does, and never imports it.
+
 References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021; Dettmers et al.,
 "QLoRA", 2023 (the LM in 4-bit with LoRA on top: `VisionLanguageModel.build(..., quantization="4bit")`).
 """
@@ -12,15 +15,21 @@ References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 202
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from vlm.model import VisionLanguageModel
+from vlm.lm import quiet_bitsandbytes_import
 from vlm.weights import CheckpointError
+
+with quiet_bitsandbytes_import():  # peft imports bitsandbytes, which may warn about a kernel we never want
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 # Every attention and MLP projection of a Llama-style LM (SmolLM2), and nothing outside `lm.`.
 LM_ALL_LINEAR = r"lm\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -41,7 +50,7 @@ class LoraSettings:
         )
 
 
-def add_lora(model: VisionLanguageModel, settings: LoraSettings) -> list[str]:
+def add_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Inject LoRA adapters; returns the adapted module names. The model's freeze policy still holds for the
     base weights, and the new LoRA weights are trainable."""
     try:
@@ -55,11 +64,11 @@ def add_lora(model: VisionLanguageModel, settings: LoraSettings) -> list[str]:
     return lora_modules(model)
 
 
-def lora_modules(model: VisionLanguageModel) -> list[str]:
+def lora_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
-def save_adapter(model: VisionLanguageModel, directory: str | Path, settings: LoraSettings) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, settings: LoraSettings) -> Path:
     """peft's adapter format: adapter_config.json (with our settings beside it) + adapter_model.safetensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,7 +81,7 @@ def save_adapter(model: VisionLanguageModel, directory: str | Path, settings: Lo
     return directory
 
 
-def load_adapter(model: VisionLanguageModel, directory: str | Path) -> LoraSettings:
+def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
     """Inject and load a saved adapter, strictly: every saved LoRA weight must find its module."""
     directory = Path(directory)
     if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
@@ -92,7 +101,7 @@ def load_adapter(model: VisionLanguageModel, directory: str | Path) -> LoraSetti
     return settings
 
 
-def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
+def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (W + B A * alpha / r) and remove the adapter modules,
     leaving a plain model with the same outputs."""
     for name in lora_modules(model):
@@ -104,11 +113,9 @@ def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
     return model
 
 
-def save_merged(model: VisionLanguageModel, directory: str | Path) -> Path:
+def save_merged(model: nn.Module, directory: str | Path) -> Path:
     """A standalone model folder with LoRA folded in: the VLM files plus the merged LM (and tokenizer) in
     `lm/`, named by a relative `lm_source`, so the folder loads anywhere without the original LM."""
-    from dataclasses import replace
-
     directory = Path(directory)
     merge_lora(model)
     lm_dir = directory / "lm"
@@ -123,3 +130,20 @@ def save_merged(model: VisionLanguageModel, directory: str | Path) -> Path:
     finally:
         model.config, model.lm_vocab_size = replace(model.config, lm_source=source), vocab
     return directory
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every LoRA layer of `model` bypassed for the duration: the base weights alone answer. The adapters'
+    requires_grad flags are restored after (peft's `enable_adapters(True)` would make them all trainable)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad = flag

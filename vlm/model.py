@@ -18,20 +18,22 @@ Deliberate choices
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, TextIteratorStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.conversation import IGNORE_INDEX, Message, encode, pad, user
+from vlm.generation import ImageEmbeddingCache, StopWhenSet, image_key, progress_bar, shared_prefix_length
 from vlm.lm import DEFAULT_LM, Quantization, load_lm
 from vlm.processing import ImageSource, SiglipImageProcessor, load_image
 from vlm.projector import Projector, ProjectorConfig
@@ -119,7 +121,6 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L), 0 on padding
     pixel_values: torch.Tensor | None  # (num_images, 3, H, W), in placeholder order, row by row
     labels: torch.Tensor | None = None  # (B, L), IGNORE_INDEX where nothing is learned
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -207,23 +208,36 @@ class VisionLanguageModel(nn.Module):
         features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (n, N, D_v)
         return self.projector(features, self.config.grid, out.pooler_output)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """LM input embeddings with each image's tokens spliced in at its placeholders: (B, L, D_lm)."""
+    def _encode_files(self, images: list[ImageSource]) -> torch.Tensor:
+        """Images (paths, bytes, PIL) -> (n, tokens_per_image, D_lm), through the model's own processor."""
+        return self.encode_images(self.processor(images).to(self.lm.device))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LM input embeddings with each image's tokens spliced in at its placeholders: (B, L, D_lm).
+
+        The images come as pixels (encoded here) or as `image_embeds` already encoded by `encode_images`
+        (num_images, tokens_per_image, D_lm), in placeholder order, row by row."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id  # (B, L)
         wanted = int(is_image.sum())
-        if pixel_values is None or len(pixel_values) == 0:
+        if image_embeds is None and pixel_values is not None and len(pixel_values):
+            image_embeds = self.encode_images(pixel_values)  # (n, T, D)
+        if image_embeds is None:
             if wanted:
                 raise ValueError(f"the prompt holds {wanted} image tokens but no image was given")
             return embeds
-        images = self.encode_images(pixel_values)  # (n, T, D)
-        if wanted != images.shape[0] * images.shape[1]:
+        if wanted != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ValueError(
-                f"the prompt holds {wanted} image tokens, but {images.shape[0]} images x {images.shape[1]} "
-                "tokens were given"
+                f"the prompt holds {wanted} image tokens, but {image_embeds.shape[0]} images x "
+                f"{image_embeds.shape[1]} tokens were given"
             )
         # masked_scatter fills the True positions in row-major order: image 0's tokens, then image 1's, ...
-        return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(
         self,
@@ -315,65 +329,90 @@ class VisionLanguageModel(nn.Module):
 
     @torch.inference_mode()
     def generate(
-        self, conversations: Sequence[Sequence[Message]], streamer: Any = None, **settings: Any
+        self,
+        conversations: Sequence[Sequence[Message]],
+        streamer: Any = None,
+        stop: threading.Event | None = None,
+        **settings: Any,
     ) -> list[str]:
-        """Answer a batch of conversations (each ending with a user turn): one string each."""
+        """Answer a batch of conversations (each ending with a user turn): one string each.
+
+        `stop`, when set from another thread, ends the generation after the current token (the text so far
+        is returned); `streamer` is any transformers streamer."""
         batch = self.prepare(conversations, for_generation=True).to(self.lm.device)
         embeds = self.embed(batch.input_ids, batch.pixel_values)
-        # input_ids travel beside inputs_embeds so the repetition penalty also sees the prompt, as it would
-        # for a text-only LM; the LM reads only the embeddings for the prompt.
         with self.adapter_for(batch.pixel_values is not None):
-            out = self.lm.generate(
-                input_ids=batch.input_ids,
-                inputs_embeds=embeds,
-                attention_mask=batch.attention_mask,
-                streamer=streamer,
-                **self.generation_kwargs(**settings),
-            )
+            out = self._generate(batch.input_ids, embeds, batch.attention_mask, streamer, stop, settings)
         new = out[:, batch.input_ids.shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        streamer: Any,
+        stop: threading.Event | None,
+        settings: dict[str, Any],
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """The LM's own `generate` from spliced embeddings: (B, L + new) token ids.
+
+        input_ids travel beside inputs_embeds so the repetition penalty also sees the prompt, as it would for
+        a text-only LM; the LM reads only the embeddings of the tokens not yet in `cache`."""
+        kwargs = self.generation_kwargs(**settings)
+        if stop is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(stop)])
+        if cache is not None:
+            kwargs["cache"] = cache
+        return self.lm.generate(
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            streamer=streamer,
+            **kwargs,
+        )
 
     @contextmanager
     def adapter_for(self, has_images: bool) -> Iterator[None]:
         """The LM's LoRA adapter as `config.adapter_on_text` says for a batch with or without images: on,
-        or switched off for the duration (requires_grad flags restored after)."""
+        or bypassed for the duration."""
         if has_images or self.config.adapter_on_text:
             yield
             return
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from vlm.lora import adapters_disabled  # peft (and with it bitsandbytes) only when an adapter is used
 
-        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
-        flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-        for m in layers:
-            m.enable_adapters(False)
-        try:
+        with adapters_disabled(self):
             yield
-        finally:
-            for m in layers:
-                m.enable_adapters(True)
-            for p, flag in flags:
-                p.requires_grad = flag
 
-    def stream_conversation(self, conversation: Sequence[Message], **settings: Any) -> Iterator[str]:
-        """Yield the answer to one conversation piece by piece as it is generated."""
+    def stream_conversation(
+        self, conversation: Sequence[Message], stop: threading.Event | None = None, **settings: Any
+    ) -> Iterator[str]:
+        """Yield the answer to one conversation piece by piece as it is generated. Setting `stop`, or closing
+        this iterator early, ends the generation within one token."""
+        stop = stop if stop is not None else threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.generate([conversation], streamer=streamer, **settings)
+                self.generate([conversation], streamer=streamer, stop=stop, **settings)
             except BaseException as err:  # surfaced in the caller's thread below
                 errors.append(err)
                 streamer.end()
 
         # Validate in the caller's thread first, so bad input raises here rather than in the worker.
         self.prepare([conversation], for_generation=True)
-        worker = threading.Thread(target=run, daemon=True)
+        self.generation_kwargs(**settings)
+        worker = threading.Thread(target=run, name="vlm-generate", daemon=True)
         worker.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:  # the reader left early (or finished): stop the worker and wait for it
+            stop.set()
+            worker.join()
         if errors:
             raise errors[0]
 
@@ -386,6 +425,188 @@ class VisionLanguageModel(nn.Module):
     ) -> Iterator[str]:
         """Like `ask`, yielding the answer's text as it is generated."""
         return self.stream_conversation([user(question, _as_list(images))], **settings)
+
+    # -- context ---------------------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the LM can attend over: prompt (image tokens included) plus answer."""
+        return int(self.lm.config.max_position_embeddings)
+
+    def prompt_length(self, conversation: Sequence[Message]) -> int:
+        """Tokens the conversation takes as a generation prompt, image placeholders and the model's system
+        prompt included, as `generate` sees it. No image is loaded."""
+        encoded = encode(
+            self.tokenizer,
+            self.with_system_prompt(conversation),
+            self.config.image_token,
+            self.tokens_per_image,
+            add_generation_prompt=True,
+        )
+        return len(encoded.input_ids)
+
+    def fit_context(self, conversation: Sequence[Message], max_new_tokens: int) -> tuple[list[Message], int]:
+        """Drop the oldest exchanges (a user turn and the answer to it, images included) until the prompt and
+        `max_new_tokens` fit the LM's context. Returns the messages that fit and how many user turns were
+        dropped. System messages and the newest user turn are kept; when that turn alone does not fit, raises
+        `ContextTooLong`."""
+        budget = self.context_length - max_new_tokens
+        system = [m for m in conversation if m.get("role") == "system"]
+        turns = [m for m in conversation if m.get("role") != "system"]
+        dropped = 0
+        while True:
+            length = self.prompt_length([*system, *turns])
+            if length <= budget:
+                return [*system, *turns], dropped
+            if len(turns) <= 1:
+                raise ContextTooLong(length, budget, max_new_tokens)
+            cut = 2 if len(turns) > 2 and turns[1].get("role") == "assistant" else 1
+            turns = turns[cut:]
+            dropped += 1
+
+    # -- many single-turn questions, fast ------------------------------------------------------------------------
+
+    def generate_answers(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageSource | None],
+        batch_size: int = 64,
+        max_new_tokens: int = 8,
+        bf16: bool = False,
+        progress: bool = True,
+        image_cache_bytes: int = 1 << 30,
+        share_prefix: bool = True,
+        desc: str = "answer",
+    ) -> list[str]:
+        """Greedy answers to `prompts[i]` about `images[i]` (None: no image), one string each, in order.
+
+        The same answers as `self.ask(images[i], prompts[i], max_new_tokens=...)` for each i (batched
+        generation equals one by one up to the last bits of the arithmetic, which can flip a greedy choice
+        only on a near-tie), with the work that repeats done once:
+        - prompts are batched longest first, so a batch holds prompts of nearly one length (little padding);
+        - each distinct (prompt, has image) pair is tokenised once;
+        - the token prefix every prompt shares (the system turn and user header) runs through the LM once
+          (`share_prefix`); each batch starts from a copy of its key/value cache;
+        - each distinct image (by path, bytes, or PIL object identity) is loaded and encoded once while its
+          embeddings stay in an LRU cache of `image_cache_bytes`.
+        `bf16` runs an fp32 LM under bf16 autocast (faster where the hardware has bf16 units; the answers may
+        then differ from fp32 ones)."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.generation_kwargs(max_new_tokens=max_new_tokens)  # validates before any work
+        answers = [""] * len(prompts)
+        with_image = [i for i, image in enumerate(images) if image is not None]
+        without = [i for i, image in enumerate(images) if image is None]
+        # With the adapter off for text (`adapter_on_text`) the two groups run apart, each with its prefix;
+        # otherwise one group shares one prefix.
+        groups = [with_image, without] if not self.config.adapter_on_text else [list(range(len(prompts)))]
+        bar = progress_bar(len(prompts), desc, progress)
+        was_training = self.training
+        self.eval()
+        try:
+            for rows in groups:
+                if not rows:
+                    continue
+                texts = self._answer_group(
+                    [prompts[i] for i in rows],
+                    [images[i] for i in rows],
+                    batch_size=batch_size,
+                    settings={"max_new_tokens": max_new_tokens},
+                    bf16=bf16,
+                    image_cache=ImageEmbeddingCache(image_cache_bytes),
+                    share_prefix=share_prefix,
+                    bar=bar,
+                )
+                for i, text in zip(rows, texts, strict=True):
+                    answers[i] = text
+        finally:
+            bar.close()
+            self.train(was_training)
+        return answers
+
+    @torch.inference_mode()
+    def _answer_group(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageSource | None],
+        batch_size: int,
+        settings: dict[str, Any],
+        bf16: bool,
+        image_cache: ImageEmbeddingCache,
+        share_prefix: bool,
+        bar: Any,
+    ) -> list[str]:
+        """`generate_answers` for rows that all take the adapter the same way (see there)."""
+        # Row i's image is `image_cache` key image_of[i] (None: no image); sources maps keys to images.
+        image_of = [None if image is None else image_key(image) for image in images]
+        sources = {key: image for key, image in zip(image_of, images, strict=True) if key is not None}
+        # Token ids of each distinct (prompt, has image) pair, rendered exactly as `prepare` renders them; the
+        # placeholder object stands in for the image (`encode` only writes its placeholder tokens).
+        token_cache: dict[tuple[str, bool], list[int]] = {}
+        for prompt, key in zip(prompts, image_of, strict=True):
+            if (prompt, key is not None) not in token_cache:
+                message = user(prompt, [_PLACEHOLDER] if key is not None else [])
+                token_cache[prompt, key is not None] = encode(
+                    self.tokenizer,
+                    self.with_system_prompt([message]),
+                    self.config.image_token,
+                    self.tokens_per_image,
+                    add_generation_prompt=True,
+                ).input_ids
+        ids = [token_cache[prompt, key is not None] for prompt, key in zip(prompts, image_of, strict=True)]
+        # Longest first: each batch holds prompts of nearly one length, and a batch that will not fit in memory
+        # fails at once. Ties keep one image's rows together, so they share its cached embeddings.
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), str(image_of[i]), i))
+        prefix = ids[0][: shared_prefix_length(ids, self.image_token_id)] if share_prefix else []
+        device = self.lm.device
+        autocast = torch.autocast(
+            device.type, torch.bfloat16, enabled=bf16 and next(self.lm.parameters()).dtype == torch.float32
+        )
+        answers = [""] * len(ids)
+        with autocast, self.adapter_for(has_images=image_of[0] is not None):
+            prefix_ids = torch.tensor([prefix], dtype=torch.long, device=device)
+            # The prefix's keys and values, computed once (batch 1) and copied into every batch's cache.
+            prefix_cache = self.lm(input_ids=prefix_ids, use_cache=True).cache if prefix else None
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                wanted = [image_of[i] for i in rows if image_of[i] is not None]
+                # The tower runs in the model's own precision even under bf16: it costs little next to the LM,
+                # and its output is cached and reused.
+                with torch.autocast(device.type, enabled=False):
+                    image_embeds = (
+                        image_cache.embeddings(wanted, sources, self._encode_files) if wanted else None
+                    )
+                # Left padding sits between the prefix and each row's own tokens; the attention mask hides it and
+                # the LM's position ids (the running count of unmasked tokens) keep every real token where it is
+                # in its prompt alone, so the answers do not change.
+                suffixes = [ids[i][len(prefix) :] for i in rows]
+                input_ids = torch.cat(
+                    [
+                        prefix_ids.expand(len(rows), -1),
+                        pad(suffixes, self.tokenizer.pad_token_id, "left").to(device),
+                    ],
+                    dim=1,
+                )  # (B, P + longest suffix)
+                attention_mask = torch.cat(
+                    [
+                        torch.ones_like(prefix_ids).expand(len(rows), -1),
+                        pad([[1] * len(s) for s in suffixes], 0, "left").to(device),
+                    ],
+                    dim=1,
+                )
+                cache = None
+                if prefix_cache is not None:
+                    cache = copy.deepcopy(prefix_cache)  # generate appends to the cache it is given
+                    cache.batch_repeat_interleave(len(rows))
+                embeds = self.embed(input_ids, image_embeds=image_embeds)
+                out = self._generate(input_ids, embeds, attention_mask, None, None, settings, cache=cache)
+                texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+                for i, text in zip(rows, texts, strict=True):
+                    answers[i] = text
+                bar.update(len(rows))
+        return answers
 
     # -- saving and loading ---------------------------------------------------------------------------------
 
@@ -440,7 +661,7 @@ class VisionLanguageModel(nn.Module):
         load_strict(model.projector, parts["projector."], f"the projector in {directory}")
         model.load_added_token_state(parts["lm."], directory)
         if (directory / "adapter").is_dir():  # LoRA weights from fine-tuning live beside the model
-            from vlm.lora import load_adapter  # lora.py builds on this module
+            from vlm.lora import load_adapter  # peft (and with it bitsandbytes) only when there is an adapter
 
             load_adapter(model, directory / "adapter")
         return model.to(dtype).eval()
@@ -496,21 +717,51 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> VisionLanguageMode
     return VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype)
 
 
+class ContextTooLong(ValueError):
+    """The newest turn alone does not fit the LM's context with room for the answer."""
+
+    def __init__(self, length: int, budget: int, max_new_tokens: int) -> None:
+        super().__init__(
+            f"the message is {length:,} tokens, more than the {budget:,} this model can read with "
+            f"{max_new_tokens} tokens left to answer"
+        )
+        self.length, self.budget, self.max_new_tokens = length, budget, max_new_tokens
+
+
+class _Placeholder:
+    """Stands in for an image while prompts are tokenised (never loaded)."""
+
+
+_PLACEHOLDER = _Placeholder()
+
+
 class Chat:
-    """A multi-turn conversation with a model; earlier turns, images included, stay in the context."""
+    """A multi-turn conversation with a model; earlier turns, images included, stay in the context until it is
+    full, then the oldest exchanges leave it (`dropped` counts them)."""
 
     def __init__(self, model: VisionLanguageModel, system: str | None = None) -> None:
         self.model = model
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.dropped = 0  # user turns that left the context so far
 
-    def send(self, text: str, images: Sequence[ImageSource] = (), **settings: Any) -> Iterator[str]:
-        """Stream the answer to `text` (with any new images); the turn is kept once the answer is complete."""
+    def send(
+        self,
+        text: str,
+        images: Sequence[ImageSource] = (),
+        stop: threading.Event | None = None,
+        **settings: Any,
+    ) -> Iterator[str]:
+        """Stream the answer to `text` (with any new images); the turn is kept once the answer is complete
+        (or stopped). Raises `ContextTooLong` when the new turn alone does not fit."""
         turn = user(text, list(images))
-        pieces = []
-        for piece in self.model.stream_conversation([*self.messages, turn], **settings):
+        max_new_tokens = settings.get("max_new_tokens", 128)
+        messages, dropped = self.model.fit_context([*self.messages, turn], max_new_tokens)
+        pieces: list[str] = []
+        for piece in self.model.stream_conversation(messages, stop=stop, **settings):
             pieces.append(piece)
             yield piece
-        self.messages += [turn, {"role": "assistant", "content": "".join(pieces)}]
+        self.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]
+        self.dropped += dropped
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
