@@ -1,43 +1,31 @@
-"""`vlm.data`: generic image–text loaders on small local fixtures with deliberately bad rows, splitting and
-mixing, and each packaged offline source on a small `limit`. Nothing touches the network.
-
-The packaged sources need Debian/PyPI packages (see shared/DATA.md). The project's set-up installs them in
-CI, so there a missing one fails; on a developer machine without them (`CI` unset) those tests skip."""
+"""`vlm.data`: the readers of your own data (caption pairs, VQA rows) on small local fixtures with
+deliberately bad rows, caching, splitting and mixing. Nothing touches the network; the packaged sources are
+tested in test_data_sources.py."""
 
 import io
 import json
 import logging
 import os
-import re
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 from PIL import Image
 
 from vlm.data import (
     PAIR_FEATURES,
-    SOURCES,
     SkipReport,
-    SourceUnavailable,
-    build_easy_vqa,
-    build_emoji,
-    build_fashion_mnist,
-    build_flags,
-    build_mixture,
-    build_openclipart,
+    encode_image,
     from_folder,
     from_hf_dataset,
     from_jsonl,
+    from_jsonl_vqa,
+    load_jsonl_rows,
     mix,
     skip_report,
     split,
 )
-from vlm.data import sources as data_sources
-from vlm.data.pairs import encode_image
 
 datasets.disable_progress_bars()
 
@@ -174,23 +162,24 @@ def test_parallel_build_matches_serial(pairs_dir: Path) -> None:
     serial = from_jsonl(pairs_dir / "pairs.jsonl", num_proc=1)
     parallel = from_jsonl(pairs_dir / "pairs.jsonl", num_proc=2)
     assert _rows(parallel) == _rows(serial)  # input order, whatever worker made each row
-    assert skip_report(parallel).to_dict() == skip_report(serial).to_dict()
+    assert skip_report(parallel) == skip_report(serial)
 
 
 def test_cache_reuses_and_invalidates(pairs_dir: Path, _cache: Path) -> None:
     first = from_jsonl(pairs_dir / "pairs.jsonl", size=8, cache=True)
-    (folder,) = [p for p in _cache.iterdir() if not p.name.startswith(".")]
-    assert not [p for p in _cache.iterdir() if p.name.startswith(".building")]  # scratch space is gone
+    written = sorted(_cache.iterdir())
+    assert first.cache_files and all(f["filename"].startswith(str(_cache)) for f in first.cache_files)
     again = from_jsonl(pairs_dir / "pairs.jsonl", size=8, cache=True)
-    assert again.cache_files[0]["filename"].startswith(str(folder))
+    assert sorted(_cache.iterdir()) == written  # loaded: nothing built, nothing half-written left over
+    assert again.cache_files == first.cache_files
     assert _rows(again) == _rows(first)
-    assert skip_report(again).to_dict() == skip_report(first).to_dict()  # the report survives the cache
+    assert skip_report(again) == skip_report(first)  # the report survives the cache
     # An edited image (same caption file) is a different dataset.
     (pairs_dir / "img" / "red.png").write_bytes(_png((200, 0, 0)))
     os.utime(pairs_dir / "img" / "red.png", ns=(1, 1))
     edited = from_jsonl(pairs_dir / "pairs.jsonl", size=8, cache=True)
     assert edited[0]["image"].getpixel((0, 0)) == (200, 0, 0)
-    assert len([p for p in _cache.iterdir() if not p.name.startswith(".")]) == 2
+    assert edited.cache_files[0] != first.cache_files[0]
 
 
 def test_from_folder_metadata_jsonl(pairs_dir: Path) -> None:
@@ -286,6 +275,53 @@ def test_from_hf_dataset_with_path_column(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# VQA rows
+
+
+def test_jsonl_rows_resolve_relative_images(tmp_path) -> None:
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "img/a.png", "question": "q", "answers": ["a"]}\n\n{"image": "/abs/b.png", "question": "r", "answers": ["b"]}\n'
+    )
+    rows = load_jsonl_rows(tmp_path / "data.jsonl")
+    assert [r["image"] for r in rows] == [str(tmp_path / "img" / "a.png"), "/abs/b.png"]
+    sample = load_jsonl_rows(tmp_path / "data.jsonl", limit=1, seed=0)
+    assert len(sample) == 1 and sample[0] in rows
+    (tmp_path / "typed.jsonl").write_text(
+        '{"image": "a.png", "question": "q", "answers": ["a"], "question_type": "what color", "answer_type": "other"}\n'
+    )
+    row = load_jsonl_rows(tmp_path / "typed.jsonl")[0]  # VQAv2's two breakdowns both stay
+    assert (row["question_type"], row["answer_type"]) == ("what color", "other")
+    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
+        load_jsonl_rows(tmp_path / "bad.jsonl")
+
+
+def test_jsonl_vqa_training_rows_skip_bad_ones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
+    lines = [
+        {"image": "a.png", "question": "what?", "answers": ["red", "red", "blue"], "question_type": "color"},
+        {"image": "a.png", "question": "and?", "answer": "yes", "answer_type": "yes/no"},  # the older names
+        {
+            "image": "a.png",
+            "question": "vqa?",
+            "answers": [{"answer": "two"}, {"answer": " "}],
+        },  # VQAv2 style
+        {"image": "gone.png", "question": "where?", "answers": ["x"]},
+        {"image": "a.png", "question": " ", "answers": ["x"]},
+        {"image": "a.png", "question": "none?", "answers": []},
+    ]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\nnot json\n")
+    with caplog.at_level(logging.WARNING, logger="vlm.data"):
+        rows = from_jsonl_vqa(tmp_path / "vqa.jsonl")
+    assert rows["question_type"] == ["color", "yes/no", ""] and rows["answers"][2] == ["two"]
+    assert rows[0]["image"].size == (24, 16)
+    summary = (
+        "vqa.jsonl: skipped 4 of 7 rows: 1 empty question, 1 malformed line, 1 missing image, 1 no answer"
+    )
+    assert skip_report(rows).summary() == summary and summary in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Splitting and mixing
 
 
@@ -333,205 +369,9 @@ def test_mix_concatenates_or_weights() -> None:
         mix([big, small], weights=[1])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Packaged sources
-
-
-def _build(builder: Callable[..., datasets.Dataset], **kwargs: object) -> datasets.Dataset:
-    """Build a packaged source; a missing package skips, except in CI where the set-up must install it."""
-    try:
-        return builder(cache=False, **kwargs)
-    except SourceUnavailable as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"{builder.__name__}: {err}")
-        pytest.skip(f"{builder.__name__}: {err}")
-
-
-def _check_pairs(dataset: datasets.Dataset, size: int, source: str, count: int) -> None:
-    assert len(dataset) == count
-    assert set(dataset["source"]) == {source}
-    for row in dataset:
-        assert row["image"].mode == "RGB" and row["image"].size == (size, size)
-        assert row["text"] and row["text"] == row["text"].strip()
-    pixels = np.stack([np.asarray(row["image"]) for row in dataset])
-    assert pixels.std() > 10  # real pictures, not blank canvases
-
-
-def test_emoji() -> None:
-    dataset = _build(build_emoji, limit=6, size=32)
-    _check_pairs(dataset, 32, "emoji", 6)
-    for row in dataset:
-        assert row["text"].startswith("an emoji of ") and row["group"] and row["subgroup"]
-        assert row["text"] == data_sources.emoji_caption(row["name"])
-    assert data_sources.emoji_caption("grinning face") == "an emoji of a grinning face"
-    assert data_sources.emoji_caption("owl") == "an emoji of an owl"
-    assert data_sources.emoji_caption("ballet shoes") == "an emoji of ballet shoes"
-    assert data_sources.emoji_caption("flag: France") == "an emoji of the flag of France"
-    assert data_sources.emoji_caption("woman: red hair") == "an emoji of a woman with red hair"
-
-
-def test_emoji_held_out_split_keeps_skin_tone_variants_together() -> None:
-    if not Path(data_sources.EMOJI_TEST).is_file() and not os.environ.get("CI"):
-        pytest.skip("unicode-data is not installed")
-    bases = {
-        data_sources._strip_skin_tones(e) for e, *_ in data_sources._read_emoji_test(data_sources.EMOJI_TEST)
-    }
-    test = {b for b in bases if data_sources._in_split(b, "test")}
-    train = {b for b in bases if data_sources._in_split(b, "train")}
-    assert not test & train and test | train == bases
-    assert 0.07 < len(test) / len(bases) < 0.13
-
-
-def test_openclipart() -> None:
-    dataset = _build(build_openclipart, limit=5, size=32)
-    assert len(dataset) >= 4  # of 5 sampled files, at most one may fail to render or lack a title
-    _check_pairs(dataset, 32, "openclipart", len(dataset))
-    for row in dataset:
-        assert row["text"].startswith("a clip art drawing") and row["path"].endswith(".svg")
-
-
-SVG = """<?xml version="1.0"?>{doctype}
-<svg xmlns="http://www.w3.org/2000/svg" xmlns:dc="http://purl.org/dc/elements/1.1/"
-     xmlns:cc="http://web.resource.org/cc/" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"
-     width="40" height="20">
-  <metadata><rdf:RDF><cc:Work rdf:about="">
-    <dc:title>{title}</dc:title>
-    <dc:subject><rdf:Bag>
-      <rdf:li>hash</rdf:li><rdf:li>fruit</rdf:li><rdf:li>food</rdf:li>
-    </rdf:Bag></dc:subject>
-    <dc:publisher><cc:Agent><dc:title>Open Clip Art Library</dc:title></cc:Agent></dc:publisher>
-  </cc:Work></rdf:RDF></metadata>
-  <rect x="0" y="0" width="40" height="20" fill="{fill}"/>
-</svg>"""
-
-
-def test_openclipart_metadata_rendering_and_failures(tmp_path: Path) -> None:
-    if not os.environ.get("CI"):
-        pytest.importorskip("cairosvg")
-    (tmp_path / "food").mkdir()
-    (tmp_path / "food" / "apple.svg").write_text(SVG.format(doctype="", title="Red_Apple 01", fill="red"))
-    illustrator = '<!DOCTYPE svg [<!ENTITY ns_flows "http://ns.adobe.com/Flows/1.0/">]>'
-    (tmp_path / "food" / "pear.svg").write_text(SVG.format(doctype=illustrator, title="", fill="green"))
-    (tmp_path / "food" / "broken.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'><rect")
-    (tmp_path / "food" / "copy.svg").symlink_to("apple.svg")  # a duplicate: left out, not counted
-    dataset = build_openclipart(split="all", size=16, root=tmp_path, cache=False)
-    assert dataset["text"] == [
-        "a clip art drawing of a red apple (fruit, food)",
-        "a clip art drawing of a pear (fruit, food)",  # no title: the file name stands in
-    ]
-    assert dataset["title"] == ["Red_Apple 01", ""] and dataset["keywords"][0] == ["hash", "fruit", "food"]
-    apple = dataset[0]["image"]
-    # 40 x 20 fitted into 16 x 16: red band in the middle, white padding above and below
-    assert (
-        apple.size == (16, 16)
-        and apple.getpixel((8, 8)) == (255, 0, 0)
-        and apple.getpixel((8, 0)) == (255,) * 3
-    )
-    assert dict(skip_report(dataset).reasons) == {"render failed": 1}
-
-
-def test_flags() -> None:
-    dataset = _build(build_flags, split="all", size=24)
-    assert 240 <= len(dataset) <= 262
-    _check_pairs(dataset, 24, "flags", len(dataset))
-    captions = dict(zip(dataset["code"], dataset["text"], strict=True))
-    assert captions["fr"] == "the flag of France"
-    assert captions["us"] == "the flag of the United States"
-    assert captions["kr"] == "the flag of South Korea"
-    assert all(re.fullmatch(r"the flag of \S.*", t) for t in captions.values())
-    assert skip_report(dataset).reasons == {"no name": 262 - len(dataset)}
-
-
-def test_fashion_mnist_labels_match_captions() -> None:
-    dataset = _build(build_fashion_mnist, split="test", limit=40, size=32)
-    _check_pairs(dataset, 32, "fashion_mnist", 40)
-    names = dataset.features["label"].names
-    assert names == list(data_sources.FASHION_MNIST_CLASSES)
-    for row in dataset:
-        phrase = data_sources.FASHION_MNIST_PHRASES[row["label"]]
-        assert row["text"] in {t.format(phrase) for t in data_sources.FASHION_MNIST_TEMPLATES}
-    assert len(set(dataset["label"])) >= 5  # the sample spreads over the classes
-    # The images are the dataset's own: an upscaled 28 x 28 grey picture stored as RGB.
-    first = np.asarray(dataset[0]["image"])
-    assert (first[..., 0] == first[..., 1]).all()
-
-
-def test_easy_vqa_captions_agree_with_answers() -> None:
-    dataset = _build(build_easy_vqa, split="test", limit=30, size=64)
-    _check_pairs(dataset, 64, "easy_vqa", len(dataset))
-    assert len(dataset) >= 28
-    import easy_vqa
-
-    questions, answers, image_ids = easy_vqa.get_test_questions()
-    by_image: dict[int, list[tuple[str, str]]] = {}
-    for q, a, i in zip(questions, answers, image_ids, strict=True):
-        by_image.setdefault(i, []).append((q, a))
-    # Which easy-VQA image each row is: its pixels (stored 64 x 64, as the originals) say.
-    ids = {
-        np.asarray(Image.open(p).convert("RGB")).tobytes(): i
-        for i, p in easy_vqa.get_test_image_paths().items()
-    }
-    for row in dataset.select_columns(["text", "shape", "color"]):
-        assert row["text"] == data_sources.easy_vqa_caption(row["shape"], row["color"])
-    checked = 0
-    for row in dataset:
-        image_id = ids[np.asarray(row["image"]).tobytes()]
-        for question, answer in by_image[image_id]:
-            if question.startswith("what"):  # every shape or colour answer is in the caption
-                assert answer in row["text"].split(), (question, answer, row["text"])
-                checked += 1
-    assert checked >= 30
-
-
-def test_easy_vqa_attributes_deduce_and_rule_out() -> None:
-    questions = [
-        "what color is the circle?",  # 1: both from one answer
-        "is there a triangle?",  # 2: the shape from yes...
-        "is there not a red shape?",  # ...and red ruled out
-        "is there not a circle?",  # 3: two shapes ruled out leave the third
-        "does the image not contain a triangle?",
-    ]
-    answers = ["teal", "yes", "yes", "yes", "yes"]
-    found = data_sources.easy_vqa_attributes(questions, answers, [1, 2, 2, 3, 3])
-    assert found == {1: ("circle", "teal"), 2: ("triangle", ""), 3: ("rectangle", "")}
-    assert data_sources.easy_vqa_caption("triangle", "") == "a triangle"
-    assert data_sources.easy_vqa_caption("", "red") == "a red shape"
-    with pytest.raises(ValueError, match="contradict"):
-        data_sources.easy_vqa_attributes(["is there a circle?", "is there a circle?"], ["yes", "no"], [7, 7])
-
-
-def test_build_mixture_skips_missing_sources(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def missing(**_: object) -> datasets.Dataset:
-        raise SourceUnavailable("/nowhere not found; install it with: apt-get install nothing")
-
-    monkeypatch.setitem(SOURCES, "absent", missing)
-    available = [n for n in ("flags", "easy_vqa") if _available(n)]
-    if not available:
-        pytest.skip("neither flags nor easy-VQA is installed")
-    with caplog.at_level(logging.WARNING, logger="vlm.data"):
-        mixed = build_mixture([*available, "absent"], size=16, limit=3, cache=False)
-    assert sorted(set(mixed["source"])) == sorted(available) and len(mixed) == 3 * len(available)
-    assert "absent: skipped, not available: /nowhere not found" in caplog.text
-    with pytest.raises(SourceUnavailable):
-        build_mixture(["absent"])
-    with pytest.raises(KeyError):
-        build_mixture(["no-such-source"])
-
-
-def _available(name: str) -> bool:
-    try:
-        SOURCES[name](limit=0, cache=False)
-        return True
-    except SourceUnavailable:
-        return False
-
-
-def test_skip_report_round_trip() -> None:
+def test_skip_report_summary() -> None:
     report = SkipReport("x")
     report.total = 7  # rows kept; `add` counts each skipped row into the total as well
     for reason in ["a", "b", "a"]:
         report.add(reason, f"detail {reason}")
     assert report.summary() == "x: skipped 3 of 10 rows: 2 a, 1 b"
-    assert SkipReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report

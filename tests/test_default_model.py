@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from vlm.evaluate import evaluate_vqa, load_easy_vqa_rows
+from vlm.data import load_easy_vqa_rows
+from vlm.evaluate import evaluate_vqa
 from vlm.model import DEFAULT_CONFIG, DEFAULT_MODEL_DIR, VLMConfig, load_default_model
 
 CARD = DEFAULT_MODEL_DIR / "eval.json"

@@ -1,46 +1,64 @@
-"""Image–text pairs through Hugging Face `datasets`: generic loaders (`pairs`) and packaged offline sources
-(`sources`). Every loader returns a `datasets.Dataset` with columns image (RGB), text and source."""
+"""Data for training and evaluation through Hugging Face `datasets`, one module per source:
 
-from vlm.data.pairs import (
+- `common`: what the builders share: held-out splits and samples by hash, image encoding, skip reports, and
+  `build_rows`, the one map-filter-cache step every builder ends in;
+- `files`: your own data: caption pairs from JSONL, folders and Hugging Face datasets; VQA rows from JSONL;
+- `emoji`, `openclipart`, `flags`, `fashion_mnist`, `easy_vqa`: the packaged offline sources, each with the
+  same `build(split, size, limit, ...)`; `easy_vqa` also gives its questions as VQA rows;
+- `sources`: the sources by name (`SOURCES`), mixing and splitting;
+- `vqa`: rows as chat messages for fine-tuning.
+
+A caption pair dataset has the columns image (RGB), text and source."""
+
+from vlm.data.common import (
+    HELD_OUT_FRACTION,
     PAIR_FEATURES,
     SkipReport,
-    TrainEval,
-    cache_root,
-    from_folder,
-    from_hf_dataset,
-    from_jsonl,
-    mix,
-    skip_report,
-    split,
-)
-from vlm.data.sources import (
-    SOURCES,
     SourceUnavailable,
-    build_easy_vqa,
-    build_emoji,
-    build_fashion_mnist,
-    build_flags,
-    build_mixture,
-    build_openclipart,
+    cache_root,
+    encode_image,
+    skip_report,
 )
+from vlm.data.easy_vqa import (
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
+    easy_vqa_attributes,
+    easy_vqa_caption,
+    easy_vqa_type,
+    load_easy_vqa_rows,
+)
+from vlm.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_PHRASES, FASHION_MNIST_TEMPLATES
+from vlm.data.files import from_folder, from_hf_dataset, from_jsonl, from_jsonl_vqa, load_jsonl_rows
+from vlm.data.sources import SOURCES, TrainEval, build_mixture, mix, split
+from vlm.data.vqa import VQA_FEATURES, to_conversation
 
 __all__ = [
+    "EASY_VQA_COLORS",
+    "EASY_VQA_SHAPES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_PHRASES",
+    "FASHION_MNIST_TEMPLATES",
+    "HELD_OUT_FRACTION",
     "PAIR_FEATURES",
     "SOURCES",
+    "VQA_FEATURES",
     "SkipReport",
     "SourceUnavailable",
     "TrainEval",
-    "build_easy_vqa",
-    "build_emoji",
-    "build_fashion_mnist",
-    "build_flags",
     "build_mixture",
-    "build_openclipart",
     "cache_root",
+    "easy_vqa_attributes",
+    "easy_vqa_caption",
+    "easy_vqa_type",
+    "encode_image",
     "from_folder",
     "from_hf_dataset",
     "from_jsonl",
+    "from_jsonl_vqa",
+    "load_easy_vqa_rows",
+    "load_jsonl_rows",
     "mix",
     "skip_report",
     "split",
+    "to_conversation",
 ]
