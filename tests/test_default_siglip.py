@@ -4,10 +4,10 @@ easy-VQA shape and colour figures its card states."""
 from __future__ import annotations
 
 import pytest
-from scripts import load_script
 
 from vlm import cli
-from vlm.data.sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES
+from vlm.data import EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES
+from vlm.siglip_eval import easy_vqa_probe
 from vlm.zeroshot import DEFAULT_SIGLIP_DIR, load_dual_encoder
 
 EXAMPLES = sorted((DEFAULT_SIGLIP_DIR.parents[1] / "demo" / "examples").glob("easyvqa_*.png"))
@@ -23,10 +23,10 @@ def dual():
 def test_shape_and_colour_zero_shot_hold_what_the_card_states(dual, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VLM_CACHE", str(tmp_path))  # the built test images stay out of ~/.cache
     model, tokenizer = dual
-    data = SOURCES["easy_vqa"](split="test", size=64, limit=300).filter(
+    data = SOURCES["easy-vqa"](split="test", size=64, limit=300).filter(
         lambda r: bool(r["shape"] and r["color"])
     )
-    result = load_script("pretrain_siglip").easy_vqa_probe(model, tokenizer, data)
+    result = easy_vqa_probe(model, tokenizer, data)
     for key in ("shape", "color"):
         assert result[f"easy_vqa_{key}"] >= CARD[key] - 0.02, (key, result)
 

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 from scripts import ROOT, load_script
 
-from vlm.config import load_config
+from vlm.config import dump, load_config
+from vlm.data import to_conversation
+from vlm.model import VisionLanguageModel
 
 SCRIPT = ROOT / "train" / "finetune.py"
 ft = load_script("finetune")
@@ -76,11 +78,11 @@ def test_steps_lower_the_loss_and_train_only_lora_and_projector(tmp_path, tiny_l
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in after.items())
     final = tmp_path / "run" / "final"
     assert (final / "adapter" / "adapter_model.safetensors").is_file() and (final / "README.md").is_file()
-    reloaded = ft.VisionLanguageModel.from_pretrained(final)
+    reloaded = VisionLanguageModel.from_pretrained(final)
     batch = model.prepare(
         [
             [
-                ft.to_conversation(
+                to_conversation(
                     {"image": ROOT / "demo/examples/chelsea.jpg", "question": "what?", "answers": ["a"]}
                 )[0]
             ]
@@ -102,7 +104,7 @@ def run_script(args: list[str], **kwargs) -> subprocess.Popen:
 def as_args(cfg) -> list[str]:
     path = Path(cfg.train.out_dir).parent / "cfg.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    ft.dump(cfg, path)
+    dump(cfg, path)
     return [str(path)]
 
 

@@ -18,7 +18,13 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from scripts import ROOT, load_script
 
-from vlm.config import load_config
+from vlm.config import dump, load_config
+from vlm.data import SOURCES, SourceUnavailable
+from vlm.processing import SiglipImageProcessor
+from vlm.siglip_eval import caption_transfer_recall, pixel_nearest, raw_pixels
+from vlm.siglip_model import retrieval_recall
+from vlm.weights import load_siglip_model, load_vision_encoder
+from vlm.zeroshot import tokenize
 
 SCRIPT = ROOT / "train" / "pretrain_siglip.py"
 pt = load_script("pretrain_siglip")
@@ -67,15 +73,13 @@ def losses(run: Path) -> list[float]:
 
 def pixels_and_ids(pairs: Path, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    pixels = pt.SiglipImageProcessor(32)([pairs.parent / r["image"] for r in rows])
-    return pixels, pt.tokenize(tokenizer, [r["text"] for r in rows], length)
+    pixels = SiglipImageProcessor(32)([pairs.parent / r["image"] for r in rows])
+    return pixels, tokenize(tokenizer, [r["text"] for r in rows], length)
 
 
 def test_training_learns_the_pairs_and_the_final_folders_load(tmp_path, pairs_file) -> None:
     from transformers import AutoTokenizer
     from transformers import SiglipModel as HFSiglipModel
-
-    from vlm.siglip import SiglipVisionEncoder
 
     run = tmp_path / "run"
     model, tokenizer = pt.train(config(run, pairs_file, steps=100, lr=3e-3))
@@ -88,19 +92,19 @@ def test_training_learns_the_pairs_and_the_final_folders_load(tmp_path, pairs_fi
     pixels, ids = pixels_and_ids(pairs_file, tokenizer, 8)
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels)
-    assert pt.retrieval_recall(out.image_embeds, out.text_embeds)["image_to_text@1"] > 1 / 8  # above chance
+    assert retrieval_recall(out.image_embeds, out.text_embeds)["image_to_text@1"] > 1 / 8  # above chance
 
     final = run / "final"
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
         p.name for p in final.iterdir()
     }
     assert (run / "curves.png").is_file() and (run / "config.yaml").is_file()
-    reloaded, reloaded_tokenizer = pt.SiglipModel.from_pretrained(final), AutoTokenizer.from_pretrained(final)
+    reloaded, reloaded_tokenizer = load_siglip_model(final), AutoTokenizer.from_pretrained(final)
     assert torch.equal(
-        pt.tokenize(reloaded_tokenizer, ["a red square"], 8), pt.tokenize(tokenizer, ["a red square"], 8)
+        tokenize(reloaded_tokenizer, ["a red square"], 8), tokenize(tokenizer, ["a red square"], 8)
     )
     reference = HFSiglipModel.from_pretrained(final).eval()  # a genuine transformers SiglipModel checkpoint
-    vision = SiglipVisionEncoder.from_pretrained(final / "vision")
+    vision = load_vision_encoder(final / "vision")
     with torch.no_grad():
         torch.testing.assert_close(
             reloaded(input_ids=ids, pixel_values=pixels).logits_per_image, out.logits_per_image
@@ -143,33 +147,33 @@ def test_tokenizer_pads_to_the_fixed_length_and_keeps_eos(tmp_path) -> None:
     tokenizer.save_pretrained(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ids = pt.tokenize(tokenizer, ["a sneaker", "AN EMOJI OF A RED APPLE AND A PHOTO OF A SNEAKER"], 6)
+    ids = tokenize(tokenizer, ["a sneaker", "AN EMOJI OF A RED APPLE AND A PHOTO OF A SNEAKER"], 6)
     assert ids.shape == (2, 6) and (pad, eos) == (0, 1)
     assert ids[0, -1] == pad and eos in ids[0].tolist()  # short: ends in </s> then <pad>
     assert ids[1, -1] == eos  # truncated, </s> kept at the last position
-    lower = pt.tokenize(tokenizer, ["an emoji of a red apple and a photo of a sneaker"], 6)[0]
+    lower = tokenize(tokenizer, ["an emoji of a red apple and a photo of a sneaker"], 6)[0]
     assert torch.equal(ids[1], lower)  # lower-cased
-    unseen = pt.tokenize(tokenizer, ["ünïcode ✓"], 24)[0]  # byte-level: no text is out of vocabulary
+    unseen = tokenize(tokenizer, ["ünïcode ✓"], 24)[0]  # byte-level: no text is out of vocabulary
     assert tokenizer.decode(unseen, skip_special_tokens=True).strip() == "ünïcode ✓"
 
 
 def test_raw_pixel_baselines(tmp_path, pairs_file) -> None:
     data = pt.load_source(pt.Source(str(pairs_file)), 32)
-    queries = pt._pixels(data["image"], 32)
-    assert pt.pixel_nearest(queries[[5, 2]], [data.select([0, 1]), data], 32) == [(1, 5), (1, 2)]
+    queries = raw_pixels(data["image"], 32)
+    assert pixel_nearest(queries[[5, 2]], [data.select([0, 1]), data], 32) == [(1, 5), (1, 2)]
     # each image finds itself in the gallery, borrows its own caption, and every caption is distinct
-    recall = pt.caption_transfer_recall(queries, data["text"], [data], 32)
+    recall = caption_transfer_recall(queries, data["text"], [data], 32)
     assert recall["image_to_text@1"] == recall["text_to_image@1"] == 1.0
     # A gallery of one image: every image borrows caption 0, so only image 0 finds its caption first, and
     # seen from a caption all images are equal: a tie, which counts against the match.
-    recall = pt.caption_transfer_recall(queries, data["text"], [data.select([0])], 32)
+    recall = caption_transfer_recall(queries, data["text"], [data.select([0])], 32)
     assert recall["image_to_text@1"] == 1 / 8 and recall["text_to_image@1"] == 0.0
 
 
 def test_evaluation_reports_model_and_baselines(tmp_path, pairs_file) -> None:
     try:
-        pt.SOURCES["fashion_mnist"](split="test", size=32, limit=1)
-    except pt.SourceUnavailable:
+        SOURCES["fashion_mnist"](split="test", size=32, limit=1)
+    except SourceUnavailable:
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     cfg = pt.EvalSection(
         zero_shot_limit=20, retrieval=(pt.Source(str(pairs_file)),), baseline_limit=30, easy_vqa_limit=40
@@ -177,7 +181,7 @@ def test_evaluation_reports_model_and_baselines(tmp_path, pairs_file) -> None:
     train = pt.load_sources((pt.Source(str(pairs_file)),), 32, print)
     tokenizer = pt.train_tokenizer(["a photo of a sneaker", "a red square"], 300, 8)
     model = pt.build_model(config(tmp_path, pairs_file), tokenizer)
-    result = pt.Evaluator(cfg, train, 32, print)(model, tokenizer)
+    result = pt.build_evaluator(cfg, train, 32, print)(model, tokenizer)
     assert result["zeroshot_images"] == 20 and result["zeroshot_pixel_gallery"] == 30
     assert result["retrieval_pairs"] == 8 and result["retrieval_image_to_text@1_pixel"] == 1.0
     assert result["retrieval_image_to_text@5_chance"] == 5 / 8 and result["zeroshot_top1_chance"] == 0.1
@@ -200,7 +204,7 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, pairs_file
     two = replace(one, train=replace(one.train, batch_size=4, out_dir=str(tmp_path / "two")))
     pt.train(one)
     path = tmp_path / "two.yaml"
-    pt.dump(two, path)
+    dump(two, path)
     # the tokenizer and data cache are built again in the subprocesses: same captions, same vocabulary
     cmd = [
         sys.executable,

@@ -10,12 +10,18 @@ import torch
 
 from vlm.training import (
     MetricsLog,
+    Progress,
     Stream,
+    build_optimizer,
     check_resumable,
     cosine_lr,
+    due,
     latest_checkpoint,
     load_training_state,
+    open_run_folder,
     plot_curves,
+    resume_point,
+    resume_step,
     run_script,
     save_training_checkpoint,
     set_lr,
@@ -110,6 +116,55 @@ def test_data_stream_is_addressable_by_position_and_weighted() -> None:
     assert first != whole[stream.epoch_len : 2 * stream.epoch_len]  # each epoch reshuffled
     with pytest.raises(ValueError, match="empty"):
         Stream([0], [1.0], seed=0)
+
+
+def test_a_step_splits_into_micro_batches_and_processes_in_stream_order() -> None:
+    """Process r's micro-batch m of step s is the r-th slice of global micro-batch m: all processes and
+    micro-batches together are the step's consecutive stream positions, each row once."""
+    stream = Stream([7, 5], [1.0, 1.0], seed=1)
+    batch, accum, world, step = 3, 2, 2, 4
+    per_step = batch * accum * world
+    whole = stream.take(step * per_step, per_step)
+    parts = [stream.step_rows(step, batch, accum, world, rank) for rank in range(world)]
+    assert all(len(p) == accum and all(len(m) == batch for m in p) for p in parts)
+    joined = [row for micro in range(accum) for rank in range(world) for row in parts[rank][micro]]
+    assert joined == whole
+    assert stream.step_rows(step, batch * world * accum) == [whole]  # one process, no accumulation
+    assert stream.describe(per_step, 10) == "12 rows an epoch; 12 a step; 10 steps = 10.00 epochs"
+
+
+def test_what_falls_due_on_a_step() -> None:
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]  # logging and checkpoints: the last too
+    assert [s for s in range(1, 8) if due(s, 3, 7, at_last=False)] == [3, 6]  # mid-run evaluation
+    assert [s for s in range(1, 7) if due(s, 3, 6, at_last=False)] == [3]
+    assert [s for s in range(1, 8) if due(s, 0, 7, at_last=False)] == []  # 0: never
+
+
+def test_a_run_starts_fresh_or_where_its_folder_left_off(tmp_path) -> None:
+    run = tmp_path / "run"
+    config = {"train": {"lr": 0.1, "steps": 4}}
+    assert resume_point(run, resume=True, config=config) is None  # nothing there yet
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer([{"params": list(model.parameters()), "weight_decay": 0.0}], "sgd", 0.1)
+    assert isinstance(opt, torch.optim.SGD)
+    assert resume_step(None, opt) == 0
+    metrics = open_run_folder(run, _Cfg(steps=4))
+    assert (run / "config.yaml").read_text() == "steps: 4\n"
+    metrics.write_eval(2, {"accuracy": 0.5})
+    assert metrics.read() == [{"step": 2, "eval_accuracy": 0.5}]
+    save_training_checkpoint(run, 2, lambda d: None, opt, {}, config)
+    ckpt = resume_point(run, resume=False, config=config)  # the folder exists: re-running continues it
+    assert ckpt is not None and ckpt.name == "step-00000002"
+    with pytest.raises(ValueError, match="different config"):  # another run's folder is not continued
+        resume_point(run, resume=True, config={"train": {"lr": 0.2, "steps": 4}})
+    assert isinstance(
+        build_optimizer([{"params": list(model.parameters())}], "adamw", 0.1), torch.optim.AdamW
+    )
+    messages: list[str] = []
+    assert resume_step(ckpt, opt, messages.append) == 2 and messages == [f"resumed from {ckpt} at step 2"]
+    progress = Progress(4, 2, "test", per_step=8, enabled=False)
+    assert progress.update(1.0, 0.1) > 0 and progress.seen == 8
+    progress.close()
 
 
 def test_a_run_folder_resumes_only_under_the_config_that_wrote_it(tmp_path) -> None:

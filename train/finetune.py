@@ -16,42 +16,53 @@ one step on one process over the same global batch, whatever the padding or answ
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import datasets
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from vlm.config import dump, to_dict  # noqa: E402
-from vlm.data.vqa import build_easy_vqa_questions, from_jsonl_vqa, to_conversation  # noqa: E402
+from vlm.config import to_dict  # noqa: E402
+from vlm.conversation import Message  # noqa: E402
+from vlm.data import from_jsonl_vqa, load_easy_vqa_rows, to_conversation  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
-from vlm.model import VisionLanguageModel, VLMConfig  # noqa: E402
+from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
 from vlm.projector import ProjectorConfig  # noqa: E402
-from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder  # noqa: E402
+from vlm.siglip import SiglipVisionConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
+    Progress,
     Stream,
-    check_resumable,
+    build_optimizer,
     cosine_lr,
-    latest_checkpoint,
-    load_training_state,
+    due,
+    grad_sync,
+    make_accelerator,
+    open_run_folder,
     plot_curves,
+    resume_point,
+    resume_step,
     run_script,
-    save_training_checkpoint,
+    save_checkpoint,
     set_lr,
 )
+from vlm.weights import load_vision_encoder  # noqa: E402
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.utils.tensorboard import SummaryWriter
 
 # -- config ----------------------------------------------------------------------------------------------
 
@@ -136,13 +147,15 @@ class FinetuneConfig:
 
 
 def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
+    """The VLM `cfg.model` describes, before LoRA: from `init` (with its adapter, if it has one), or built
+    from a tower (`vision`, else a fresh one), a fresh projector and the LM `lm`."""
     m = cfg.model
     freeze = ("lm",) if m.train_vision == "full" else ("vision", "lm")
     if m.init is not None:  # its adapter/, when there is one, comes with it
         model = VisionLanguageModel.from_pretrained(m.init, quantization=m.quantization)
         model.config = replace(model.config, freeze=freeze)
         return model
-    vision = SiglipVisionEncoder.from_pretrained(m.vision) if m.vision else None
+    vision = load_vision_encoder(m.vision) if m.vision else None
     vision_config = vision.config if vision is not None else SiglipVisionConfig(
         hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads, image_size=m.image_size, patch_size=m.patch_size,
@@ -168,19 +181,33 @@ def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
 
 
 def lora_settings(cfg: FinetuneConfig) -> LoraSettings:
+    """`cfg.lora` for peft; with `train_vision: lora` the tower's attention q/v projections join its
+    target."""
     target = cfg.lora.target
     if cfg.model.train_vision == "lora":
         target += r"|vision\.encoder\.layers\.\d+\.self_attn\.(q|v)_proj"
     return LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, target)
 
 
-def load_source(source: Source):
+def make_trainable(model: VisionLanguageModel, settings: LoraSettings, gradient_checkpointing: bool) -> None:
+    """LoRA on the LM (unless the model brought its adapter: a checkpoint or an `init` folder does), the
+    `freeze`d parts frozen and every LoRA weight trainable, whatever it sits under."""
+    if not lora_modules(model):
+        add_lora(model, settings)
+    model.freeze(model.config.freeze)
+    for name, p in model.named_parameters():
+        p.requires_grad |= "lora_" in name
+    if gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_source(source: Source) -> datasets.Dataset | list[dict]:
+    """One training source: VQA rows (question, answers, image) or caption pairs (image, text)."""
     if source.kind == "vqa":
-        if source.name == "easy-vqa":
-            return build_easy_vqa_questions(source.split, limit=source.limit)
+        if source.name in ("easy-vqa", "easy_vqa"):
+            return load_easy_vqa_rows(source.split, limit=source.limit)
         return from_jsonl_vqa(source.name)
-    from vlm.data.pairs import from_jsonl
-    from vlm.data.sources import SOURCES
+    from vlm.data import SOURCES, from_jsonl
 
     if source.name in SOURCES:
         return SOURCES[source.name](split=source.split, limit=source.limit)
@@ -203,7 +230,8 @@ def param_groups(model: VisionLanguageModel, t: TrainSection) -> list[dict]:
     ]
 
 
-def log_trainable(model: VisionLanguageModel, log) -> None:
+def log_trainable(model: VisionLanguageModel, log: Callable[[str], None]) -> None:
+    """Parameters per top-level module, and the trainable ones (LoRA counted apart)."""
     counts: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     for name, p in model.named_parameters():
@@ -217,7 +245,9 @@ def log_trainable(model: VisionLanguageModel, log) -> None:
         log(f"  trainable {key:<18} {n:>11,}")
 
 
-def prepare_skipping(model: VisionLanguageModel, conversations: list, max_length: int, skipped: Counter):
+def prepare_skipping(
+    model: VisionLanguageModel, conversations: list[list[Message]], max_length: int, skipped: Counter[str]
+) -> Batch:
     """`model.prepare`, dropping (and counting) conversations that cannot be used: an unreadable image, an
     empty turn, or more than `max_length` tokens. A bad row never stops a run."""
     try:
@@ -240,18 +270,21 @@ def prepare_skipping(model: VisionLanguageModel, conversations: list, max_length
 
 def load_eval_rows(source: Source) -> list[dict]:
     """Evaluation rows keep image paths (not decoded images) so the evaluator can encode each image once."""
-    from vlm.evaluate import load_easy_vqa_rows, load_jsonl_rows
+    from vlm.data import load_jsonl_rows
 
     if source.kind != "vqa":
         raise ValueError(
             "evaluation during fine-tuning is VQA accuracy; use `vlm eval --task caption` for captions"
         )
-    if source.name == "easy-vqa":
+    if source.name in ("easy-vqa", "easy_vqa"):
         return load_easy_vqa_rows(source.split, limit=source.limit)
     return load_jsonl_rows(source.name, limit=source.limit)
 
 
-def evaluate(model: VisionLanguageModel, rows, batch_size: int, out: Path | None) -> dict[str, float]:
+def evaluate(
+    model: VisionLanguageModel, rows: list[dict], batch_size: int, out: Path | None
+) -> dict[str, float]:
+    """VQA accuracy over `rows` (`vlm.evaluate.evaluate_vqa`); the predictions to `out` when given."""
     from vlm.evaluate import evaluate_vqa
 
     result = evaluate_vqa(model, rows, batch_size=batch_size, predictions_path=out)
@@ -261,168 +294,191 @@ def evaluate(model: VisionLanguageModel, rows, batch_size: int, out: Path | None
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Run:
+    """What the loop works on, from `setup`: the model as accelerate prepared it (`model`, DDP-wrapped with
+    several processes) and unwrapped (`core`), the data, and the step reached."""
+
+    cfg: FinetuneConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    core: VisionLanguageModel
+    settings: LoraSettings
+    optimizer: torch.optim.Optimizer
+    sources: list[datasets.Dataset | list[dict]]  # per `data.train` source (`load_source`)
+    stream: Stream
+    metrics: MetricsLog
+    eval_rows: list[dict] | None
+    writer: SummaryWriter | None  # TensorBoard, on the main process when asked for
+    step: int
+    skipped: Counter[str] = field(default_factory=Counter)  # unusable rows by reason (`prepare_skipping`)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def per_step(self) -> int:
+        """Samples an optimizer step, over all processes and micro-batches."""
+        t = self.cfg.train
+        return t.batch_size * self.accelerator.num_processes * t.grad_accum
+
+    def log(self, line: str) -> None:
+        self.accelerator.print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_script(list(sys.argv[1:] if argv is None else argv), __doc__, FinetuneConfig, train)
 
 
 def train(cfg: FinetuneConfig, resume: bool = False) -> VisionLanguageModel:
     """Run (or continue) the fine-tuning described by `cfg`; returns the trained model (LoRA not merged)."""
-    from accelerate import Accelerator
+    run = setup(cfg, resume)
+    started = time.perf_counter()
+    fit(run)
+    ship(run, started)
+    return run.core
 
+
+def setup(cfg: FinetuneConfig, resume: bool) -> Run:
+    """Model with LoRA, optimizer and data; from the newest checkpoint when there is one."""
     t = cfg.train
-    # cpu=True on a machine without CUDA: accelerate then treats torchrun's WORLD_SIZE > 1 as multi-process
-    # CPU (gloo); without it each process would train alone.
-    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.cuda.is_available())
-    log = accelerator.print
-    run = Path(t.out_dir)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-
-    # setup
-    ckpt = latest_checkpoint(run, log) if (resume or run.exists()) else None
-    if ckpt is not None:
-        check_resumable(ckpt, to_dict(cfg))
+    accelerator = make_accelerator(t.bf16, t.seed)
+    log, run_dir = accelerator.print, Path(t.out_dir)
+    ckpt = resume_point(run_dir, resume, to_dict(cfg), log)
     model = build_model(replace(cfg, model=replace(cfg.model, init=str(ckpt))) if ckpt else cfg)
     settings = lora_settings(cfg)
-    if not lora_modules(model):  # a checkpoint or an `init` folder brings its adapter along
-        add_lora(model, settings)
-    model.freeze(model.config.freeze)  # then the LoRA weights train, whatever they sit under
-    for name, p in model.named_parameters():
-        p.requires_grad |= "lora_" in name
-    if t.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    make_trainable(model, settings, t.gradient_checkpointing)
     log_trainable(model, log)
-    groups = param_groups(model, t)
-    optimizer = (
-        torch.optim.AdamW(groups, lr=t.lr) if t.optimizer == "adamw" else torch.optim.SGD(groups, lr=t.lr)
-    )
-    step = 0
-    if ckpt is not None:
-        meta = load_training_state(ckpt, optimizer)
-        step = meta["step"]
-        log(f"resumed from {ckpt} at step {step}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core: VisionLanguageModel = accelerator.unwrap_model(model)
+    optimizer = build_optimizer(param_groups(model, t), t.optimizer, t.lr)
+    step = resume_step(ckpt, optimizer, log)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     sources = [load_source(s) for s in cfg.data.train]
     stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = t.batch_size * world * t.grad_accum
-    log(
-        f"{stream.epoch_len:,} rows an epoch; {per_step} a step; {t.steps} steps = {t.steps * per_step / stream.epoch_len:.2f} epochs"
-    )
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        dump(cfg, run / "config.yaml")
-    metrics = MetricsLog(run / "metrics.jsonl")
+    log(stream.describe(t.batch_size * accelerator.num_processes * t.grad_accum, t.steps))
+    metrics = open_run_folder(run_dir, cfg, accelerator.is_main_process)
     eval_rows = load_eval_rows(cfg.data.eval) if cfg.data.eval is not None else None
     writer = None
     if t.tensorboard and accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(run / "tensorboard")
+        writer = SummaryWriter(run_dir / "tensorboard")
+    return Run(
+        cfg, accelerator, wrapped, accelerator.unwrap_model(wrapped), settings, optimizer, sources, stream,
+        metrics, eval_rows, writer, step,
+    )  # fmt: skip
 
-    def micro_batches(position: int) -> list:
-        """This step's micro-batches for this process, each a prepared Batch; bad rows dropped and counted."""
-        batches = []
-        for micro in range(t.grad_accum):
-            pairs = stream.take(position + micro * t.batch_size * world, t.batch_size * world)
-            mine = pairs[rank * t.batch_size : (rank + 1) * t.batch_size]
-            conversations = [to_conversation(sources[s][r]) for s, r in mine]
-            batches.append(prepare_skipping(core, conversations, cfg.data.max_length, skipped))
-        return batches
 
-    skipped: Counter[str] = Counter()
+def fit(run: Run) -> None:
+    """Steps from `run.step` to `train.steps`: logging, checkpointing and (every `train.eval_every`)
+    evaluating."""
+    t, accelerator = run.cfg.train, run.accelerator
+    run.model.train()
+    progress = Progress(t.steps, run.step, "finetune", run.per_step, accelerator.is_local_main_process)
+    while run.step < t.steps:
+        lr = cosine_lr(run.step, t.steps, t.warmup_steps, t.lr)
+        set_lr(run.optimizer, lr)
+        loss = train_step(run, micro_batches(run))
+        run.step += 1
+        rate = progress.update(loss, lr)
+        if accelerator.is_main_process and due(run.step, t.log_every, t.steps):
+            run.metrics.write(step=run.step, loss=loss, lr=lr, samples_per_s=rate)
+            if run.writer is not None:
+                run.writer.add_scalar("loss", loss, run.step)
+        if due(run.step, t.checkpoint_every, t.steps):
+            save_checkpoint(
+                accelerator, run.dir, run.step, partial(save_vlm, run), run.optimizer,
+                {"position": run.step * run.per_step}, to_dict(run.cfg),
+            )  # fmt: skip
+        if run.eval_rows is not None and due(run.step, t.eval_every, t.steps, at_last=False):
+            evaluate_mid_run(run)
+    progress.close()
+    if run.skipped:
+        run.log(
+            f"skipped {sum(run.skipped.values())} bad rows: "
+            + ", ".join(f"{n} {why}" for why, n in run.skipped.items())
+        )
 
-    def save(at: int) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
 
-            def write_model(folder: Path) -> None:
-                core.save_pretrained(folder)
-                save_adapter(core, folder / "adapter", settings)
+def micro_batches(run: Run) -> list[Batch]:
+    """This step's micro-batches for this process, each a prepared Batch; bad rows dropped and counted."""
+    t, accelerator = run.cfg.train, run.accelerator
+    return [
+        prepare_skipping(
+            run.core,
+            [to_conversation(run.sources[s][r]) for s, r in rows],
+            run.cfg.data.max_length,
+            run.skipped,
+        )
+        for rows in run.stream.step_rows(
+            run.step, t.batch_size, t.grad_accum, accelerator.num_processes, accelerator.process_index
+        )
+    ]
 
-            save_training_checkpoint(
-                run, at, write_model, optimizer, {"position": at * per_step}, to_dict(cfg)
+
+def train_step(run: Run, batches: list[Batch]) -> float:
+    """One optimizer step over this process's micro-batches; returns the step's loss per learned token over
+    all processes (the loss scaling of the module docstring)."""
+    accelerator, device, world = run.accelerator, run.accelerator.device, run.accelerator.num_processes
+    local = torch.tensor(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches), device=device)
+    total = accelerator.reduce(local, reduction="sum") if world > 1 else local  # learned tokens this step
+    step_loss = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        with grad_sync(accelerator, run.model, last=i == len(batches) - 1), accelerator.autocast():
+            out = run.model(
+                batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum"
             )
-        accelerator.wait_for_everyone()
+            accelerator.backward(out.loss * world / total.clamp(min=1))
+        step_loss += out.loss.detach()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(step_loss)
+    return float(step_loss / total.clamp(min=1))
 
-    # fit
-    model.train()
-    bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not accelerator.is_local_main_process)
-    started, seen = time.perf_counter(), 0
-    while step < t.steps:
-        lr = cosine_lr(step, t.steps, t.warmup_steps, t.lr)
-        set_lr(optimizer, lr)
-        batches = micro_batches(step * per_step)
-        local = torch.tensor(
-            sum(int((b.labels[:, 1:] != -100).sum()) for b in batches), device=accelerator.device
-        )
-        total = accelerator.reduce(local, reduction="sum") if world > 1 else local
-        step_loss = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(batches):
-            batch = batch.to(accelerator.device)
-            sync = i == len(batches) - 1
-            with (
-                accelerator.no_sync(model) if not sync and world > 1 else nullcontext(),
-                accelerator.autocast(),
-            ):
-                out = model(
-                    batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum"
-                )
-                loss = out.loss * world / total.clamp(min=1)
-                accelerator.backward(loss)
-            step_loss += out.loss.detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += per_step
-        if world > 1:
-            dist.all_reduce(step_loss)
-        mean_loss = float(step_loss / total.clamp(min=1))
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{seen / (time.perf_counter() - started):.1f}"
-        )
-        if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps):
-            metrics.write(
-                step=step, loss=mean_loss, lr=lr, samples_per_s=seen / (time.perf_counter() - started)
-            )
-            if writer is not None:
-                writer.add_scalar("loss", mean_loss, step)
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            save(step)
-        if eval_rows is not None and t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            model.eval()
-            if accelerator.is_main_process:
-                summary = evaluate(core, eval_rows, t.eval_batch_size, None)
-                metrics.write(step=step, **{f"eval_{k}": v for k, v in summary.items()})
-                log(f"step {step}: eval {summary}")
-            accelerator.wait_for_everyone()
-            model.train()
-    bar.close()
-    if skipped:
-        log(
-            f"skipped {sum(skipped.values())} bad rows: "
-            + ", ".join(f"{n} {why}" for why, n in skipped.items())
-        )
 
-    # evaluate and ship
-    model.eval()
-    if accelerator.is_main_process:
-        final = run / "final"
-        core.save_pretrained(final)
-        save_adapter(core, final / "adapter", settings)
+def evaluate_mid_run(run: Run) -> None:
+    """VQA accuracy on `data.eval` on the main process (the others wait), to metrics.jsonl and printed."""
+    run.model.eval()
+    if run.accelerator.is_main_process:
+        summary = evaluate(run.core, run.eval_rows, run.cfg.train.eval_batch_size, None)
+        run.metrics.write_eval(run.step, summary)
+        run.log(f"step {run.step}: eval {summary}")
+    run.accelerator.wait_for_everyone()
+    run.model.train()
+
+
+# -- saving -------------------------------------------------------------------------------------------------
+
+
+def save_vlm(run: Run, folder: Path) -> None:
+    """The model (`VisionLanguageModel.save_pretrained`) and its LoRA adapter in `folder/adapter`."""
+    run.core.save_pretrained(folder)
+    save_adapter(run.core, folder / "adapter", run.settings)
+
+
+def ship(run: Run, started: float) -> None:
+    """`final/`, then the final evaluation (predictions in `predictions.jsonl`), the curves and the model card
+    (its training time counted from `started`)."""
+    run.model.eval()
+    if run.accelerator.is_main_process:
+        final = run.dir / "final"
+        save_vlm(run, final)
         summary = {}
-        if eval_rows is not None:
-            summary = evaluate(core, eval_rows, t.eval_batch_size, run / "predictions.jsonl")
-            metrics.write(step=step, **{f"eval_{k}": v for k, v in summary.items()})
-            log(f"final eval: {summary}")
-        plot_curves(metrics.read(), run / "curves.png", ("loss", "eval_accuracy"), f"finetune {run.name}")
-        write_model_card(final, cfg, step, per_step, summary, time.perf_counter() - started)
-        log(f"model saved to {final}")
-    accelerator.wait_for_everyone()
-    return core
+        if run.eval_rows is not None:
+            summary = evaluate(
+                run.core, run.eval_rows, run.cfg.train.eval_batch_size, run.dir / "predictions.jsonl"
+            )
+            run.metrics.write_eval(run.step, summary)
+            run.log(f"final eval: {summary}")
+        plot_curves(
+            run.metrics.read(), run.dir / "curves.png", ("loss", "eval_accuracy"), f"finetune {run.dir.name}"
+        )
+        write_model_card(final, run.cfg, run.step, run.per_step, summary, time.perf_counter() - started)
+        run.log(f"model saved to {final}")
+    run.accelerator.wait_for_everyone()
 
 
 def write_model_card(

@@ -34,60 +34,58 @@ Choices a reader should know
   their labels; retrieval recall@1/5 on held-out emoji/clip art pairs against chance (k / N) and against
   "caption transfer": each image takes the caption of its raw-pixel nearest training image, and captions
   are ranked by TF-IDF word overlap with it. Neither baseline is zero-shot: both see labelled training
-  rows, the same rows this run trains on (see `evaluate`).
+  rows, the same rows this run trains on (`vlm.siglip_eval`).
 """
 
 from __future__ import annotations
 
-import math
-import random
-import re
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import datasets
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from vlm.config import dump, to_dict  # noqa: E402
-from vlm.data.sources import (  # noqa: E402
-    EASY_VQA_COLORS,
-    EASY_VQA_SHAPES,
-    FASHION_MNIST_PHRASES,
-    FASHION_MNIST_TEMPLATES,
-    SOURCES,
-    SourceUnavailable,
-)
+from vlm.config import to_dict  # noqa: E402
+from vlm.data import SOURCES, SourceUnavailable  # noqa: E402
 from vlm.losses import chunked_sigmoid_loss  # noqa: E402
 from vlm.processing import SiglipImageProcessor  # noqa: E402
 from vlm.siglip import SiglipVisionConfig  # noqa: E402
-from vlm.siglip_model import SiglipConfig, SiglipModel, retrieval_recall  # noqa: E402
+from vlm.siglip_eval import SiglipEvaluator  # noqa: E402
+from vlm.siglip_model import SiglipConfig, SiglipModel  # noqa: E402
 from vlm.siglip_text import SiglipTextConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
+    Progress,
     Stream,
-    check_resumable,
+    build_optimizer,
     cosine_lr,
-    latest_checkpoint,
-    load_training_state,
+    due,
+    grad_sync,
+    make_accelerator,
+    open_run_folder,
     plot_curves,
+    resume_point,
+    resume_step,
     run_script,
-    save_training_checkpoint,
+    save_checkpoint,
     set_lr,
 )
-from vlm.zeroshot import retrieval, tokenize, zero_shot  # noqa: E402
+from vlm.weights import load_siglip_model, save_siglip_model, save_vision_encoder  # noqa: E402
+from vlm.zeroshot import tokenize  # noqa: E402
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # -- config ----------------------------------------------------------------------------------------------
 
@@ -127,7 +125,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class Source:
-    # a vlm.data.sources builder (emoji, openclipart, flags, fashion_mnist, easy_vqa), a .jsonl file of
+    # a vlm.data.sources builder (emoji, openclipart, flags, fashion_mnist, easy-vqa), a .jsonl file of
     # {"image": path, "text": caption}, or a Hugging Face dataset (hub id or save_to_disk folder)
     name: str
     split: str = "train"
@@ -144,7 +142,7 @@ class DataSection:
         Source("openclipart"),
         Source("flags", weight=4.0),
         Source("fashion_mnist", limit=6000),
-        Source("easy_vqa", limit=2000),
+        Source("easy-vqa", limit=2000),
     )
 
 
@@ -232,7 +230,7 @@ def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> Sigl
 
 def load_source(source: Source, size: int) -> datasets.Dataset:
     """One source as a Dataset with (at least) image and text columns, images `size` x `size`."""
-    from vlm.data.pairs import from_hf_dataset, from_jsonl
+    from vlm.data import from_hf_dataset, from_jsonl
 
     if source.name in SOURCES:
         return SOURCES[source.name](split=source.split, size=size, limit=source.limit)
@@ -271,202 +269,107 @@ def param_groups(model: SiglipModel, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-# -- evaluation ---------------------------------------------------------------------------------------------
+def build_evaluator(
+    cfg: EvalSection, train: list[tuple[Source, datasets.Dataset]], size: int, log: Callable[[str], None]
+) -> SiglipEvaluator:
+    """The evaluation `cfg` describes (`vlm.siglip_eval`): its held-out retrieval sources loaded here, the
+    raw-pixel baselines searching the run's own training rows."""
+    return SiglipEvaluator(
+        size, {source.name: data for source, data in train},
+        [(source.name, data) for source, data in load_sources(cfg.retrieval, size, log)],
+        zero_shot_limit=cfg.zero_shot_limit, baseline_limit=cfg.baseline_limit,
+        easy_vqa_limit=cfg.easy_vqa_limit, batch_size=cfg.batch_size, log=log,
+    )  # fmt: skip
 
 
-def _pixels(images: list, size: int) -> torch.Tensor:
-    """(N, 3 * size * size) raw pixels, normalised as the model sees them."""
-    return SiglipImageProcessor(size)(images).flatten(1)
+def load_init(
+    folder: str | Path | None, log: Callable[[str], None]
+) -> tuple[SiglipModel | None, PreTrainedTokenizerBase | None]:
+    """(model, tokenizer) from a dual encoder folder that holds both (a checkpoint or `model.init`), or
+    (None, None) for a fresh start."""
+    if not folder:
+        return None, None
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_siglip_model(folder), AutoTokenizer.from_pretrained(folder)
+    log(f"model and tokenizer from {folder}")
+    return model, tokenizer
 
 
-def _spread(data: datasets.Dataset, limit: int) -> datasets.Dataset:
-    """At most `limit` rows spread evenly over `data` (builders keep their source order, e.g. emoji by
-    group, so the first rows would all be smileys)."""
-    step = max(1, math.ceil(len(data) / max(1, limit)))
-    return data.select(range(0, len(data), step))
+def shared_tokenizer(
+    cfg: PretrainConfig, sources: list[tuple[Source, datasets.Dataset]], accelerator: Accelerator
+) -> PreTrainedTokenizerBase:
+    """A tokenizer trained on the training captions, saved to the run's `tokenizer/`: one process trains it
+    and the others read it, so all hold the same vocabulary."""
+    from transformers import AutoTokenizer
+
+    folder = Path(cfg.train.out_dir) / "tokenizer"
+    if accelerator.is_main_process:
+        texts = [text for _, data in sources for text in data["text"]]
+        text_cfg = cfg.model.text
+        train_tokenizer(texts, text_cfg.vocab_size, text_cfg.max_position_embeddings).save_pretrained(folder)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(folder)
 
 
-def pixel_nearest(
-    queries: torch.Tensor, galleries: list[datasets.Dataset], size: int, batch: int = 1000
-) -> list[tuple[int, int]]:
-    """For each query (Q, P) raw-pixel vector, its nearest (L2) image among the galleries' rows, as (gallery,
-    row). The galleries are read a batch at a time, so they never sit in memory as pixels at once."""
-    best = torch.full((len(queries),), float("inf"))
-    where = torch.zeros(len(queries), 2, dtype=torch.long)
-    for g, gallery in enumerate(galleries):
-        for start in range(0, len(gallery), batch):
-            block = _pixels(gallery[start : start + batch]["image"], size)  # (G, P)
-            distance, index = torch.cdist(queries, block).min(1)  # (Q,) each
-            better = distance < best
-            best = torch.where(better, distance, best)
-            where[better] = torch.stack([torch.full_like(index, g), index + start], 1)[better]
-    return [(int(g), int(r)) for g, r in where]
+def tokenize_captions(
+    tokenizer: PreTrainedTokenizerBase,
+    sources: list[tuple[Source, datasets.Dataset]],
+    length: int,
+    log: Callable[[str], None],
+) -> list[torch.Tensor]:
+    """Every caption tokenized once, up front: (N, length) ids per source. Truncation is counted, not
+    silent."""
+    ids = [tokenize(tokenizer, data["text"], length) for _, data in sources]
+    cut = sum(int((x[:, -1] != tokenizer.pad_token_id).sum()) for x in ids)
+    if cut:
+        log(f"{cut:,} captions fill all {length} tokens (longer ones are truncated, keeping </s>)")
+    return ids
 
 
-def tfidf(texts: list[str], vocabulary: dict[str, int], idf: torch.Tensor) -> torch.Tensor:
-    """(N, V) TF-IDF word vectors (lower-cased alphanumeric words; unknown words ignored)."""
-    out = torch.zeros(len(texts), len(vocabulary))
-    for i, text in enumerate(texts):
-        for word, n in Counter(re.findall(r"[a-z0-9]+", text.lower())).items():
-            if word in vocabulary:
-                out[i, vocabulary[word]] = n
-    return out * idf
-
-
-def caption_transfer_recall(
-    query_pixels: torch.Tensor, captions: list[str], galleries: list[datasets.Dataset], size: int
-) -> dict[str, float]:
-    """The raw-pixel retrieval baseline. Pixels cannot embed text, so each held-out image borrows the caption
-    of its nearest training image (raw pixels, L2); image i is then represented by the TF-IDF vector of that
-    borrowed caption, caption j by its own, and recall@k is computed exactly as for the model
-    (`retrieval_recall`, cosine, ties against the match)."""
-    nearest = pixel_nearest(query_pixels, galleries, size)
-    borrowed = [galleries[g][r]["text"] for g, r in nearest]
-    words = [set(re.findall(r"[a-z0-9]+", c.lower())) for c in captions]
-    vocabulary = {w: i for i, w in enumerate(sorted(set().union(*words)))}
-    df = torch.zeros(len(vocabulary))
-    for ws in words:
-        df[[vocabulary[w] for w in ws]] += 1
-    idf = torch.log((1 + len(captions)) / (1 + df)) + 1  # smoothed, as scikit-learn's TfidfVectorizer
-    return retrieval_recall(tfidf(borrowed, vocabulary, idf), tfidf(captions, vocabulary, idf))
-
-
-def _dedupe_captions(data: datasets.Dataset) -> datasets.Dataset:
-    """Keep the first row of each caption: two identical captions are indistinguishable to any model, and
-    `retrieval_recall` counts the tie against the match."""
-    seen: dict[str, int] = {}
-    for i, text in enumerate(data["text"]):
-        seen.setdefault(text, i)
-    return data.select(sorted(seen.values()))
-
-
-def easy_vqa_probe(
-    model: SiglipModel, tokenizer: PreTrainedTokenizerBase, data: datasets.Dataset, batch_size: int = 128
-) -> dict[str, float]:
-    """Shape and colour read zero-shot from easy-VQA images (`SOURCES["easy_vqa"]` rows whose shape and colour
-    are known): each image is scored against all 24 captions "a {colour} {shape}" and the best one's shape
-    and colour are compared with the truth. This is what a VLM built on the tower has to see (chance: 1/3 for
-    shape, 1/8 for colour)."""
-    combos = [(c, s) for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
-    probs = zero_shot(model, tokenizer, data["image"], [f"{c} {s}" for c, s in combos], ["a {}"], batch_size)
-    best = [combos[i] for i in probs.argmax(-1).tolist()]
-    truth = list(zip(data["color"], data["shape"], strict=True))
-    n = len(truth)
-    return {
-        "easy_vqa_shape": sum(b[1] == t[1] for b, t in zip(best, truth, strict=True)) / n,
-        "easy_vqa_color": sum(b[0] == t[0] for b, t in zip(best, truth, strict=True)) / n,
-        "easy_vqa_images": n,
-    }
-
-
-class Evaluator:
-    """Zero-shot and retrieval evaluation of a dual encoder, with its baselines.
-
-    Held-out data: Fashion-MNIST's official test split; the emoji / clip art / flags "test" split (a fixed
-    10% held out by a hash of each item, never in "train"). Baselines depend only on the data, so they are
-    computed once, at the first evaluation, and reported beside every model score.
-
-    Zero-shot: the model scores each test image against the 10 class phrases, each averaged over
-    `FASHION_MNIST_TEMPLATES` (the templates the training captions use: the classes and phrasings are seen
-    in training, only the images are new). Baseline: 1-nearest-neighbour on raw pixels (L2, normalised as
-    the model sees them) among Fashion-MNIST training images with their labels: the training rows of this
-    run (spread over at most `baseline_limit`), or, when the run does not train on Fashion-MNIST, that many
-    training images. Chance is 10%.
-
-    Retrieval: recall@1/5 image -> text and text -> image among the held-out pairs of `eval.retrieval`
-    (captions deduplicated). Baselines: chance (k / N), and caption transfer from the raw-pixel nearest
-    training image of the same sources (`caption_transfer_recall`)."""
-
-    def __init__(
-        self,
-        cfg: EvalSection,
-        train: list[tuple[Source, datasets.Dataset]],
-        size: int,
-        log: Callable[[str], None],
-    ) -> None:
-        self.cfg, self.size = cfg, size
-        self.trained = {source.name: data for source, data in train}
-        self.baselines: dict[str, float] | None = None
-        self.fashion: datasets.Dataset | None = None
-        self.fashion_train: datasets.Dataset | None = None
-        self.pairs: datasets.Dataset | None = None
-        self.galleries: list[datasets.Dataset] = []
-        self.easy_vqa: datasets.Dataset | None = None
-        if cfg.easy_vqa_limit > 0:
-            try:
-                data = SOURCES["easy_vqa"](split="test", size=size, limit=cfg.easy_vqa_limit)
-                self.easy_vqa = data.filter(lambda row: bool(row["shape"] and row["color"]))
-            except SourceUnavailable as err:
-                log(f"easy-VQA probe skipped: {err}")
-        if cfg.zero_shot_limit > 0:
-            try:
-                self.fashion = SOURCES["fashion_mnist"](split="test", size=size, limit=cfg.zero_shot_limit)
-                self.fashion_train = self.trained.get("fashion_mnist")
-                if self.fashion_train is None:  # not trained on: that many labelled training images
-                    self.fashion_train = SOURCES["fashion_mnist"](
-                        split="train", size=size, limit=cfg.baseline_limit
-                    )
-            except SourceUnavailable as err:
-                log(f"zero-shot evaluation skipped: {err}")
-        if cfg.retrieval:
-            parts = load_sources(cfg.retrieval, size, log)
-            if parts:
-                pairs = datasets.concatenate_datasets([d.select_columns(["image", "text"]) for _, d in parts])
-                self.pairs = _dedupe_captions(pairs)
-            self.galleries = [
-                _spread(self.trained[s.name], cfg.baseline_limit) for s, _ in parts if s.name in self.trained
-            ]
-
-    def _compute_baselines(self) -> dict[str, float]:
-        """Keys are the model's metric names plus `_pixel` (the raw-pixel baseline) or `_chance`."""
-        out: dict[str, float] = {}
-        if self.fashion is not None and self.fashion_train is not None:
-            gallery = _spread(self.fashion_train, self.cfg.baseline_limit)
-            nearest = pixel_nearest(_pixels(self.fashion["image"], self.size), [gallery], self.size)
-            labels = torch.tensor(gallery["label"])[[r for _, r in nearest]]
-            out["zeroshot_top1_pixel"] = (labels == torch.tensor(self.fashion["label"])).float().mean().item()
-            out["zeroshot_top1_chance"] = 1 / len(FASHION_MNIST_PHRASES)
-            out["zeroshot_images"] = len(self.fashion)
-            out["zeroshot_pixel_gallery"] = len(gallery)
-        if self.pairs is not None:
-            n = len(self.pairs)
-            for direction in ("image_to_text", "text_to_image"):
-                for k in (1, 5):
-                    out[f"retrieval_{direction}@{k}_chance"] = min(1.0, k / n)
-            if self.galleries:
-                queries = _pixels(self.pairs["image"], self.size)
-                recall = caption_transfer_recall(queries, self.pairs["text"], self.galleries, self.size)
-                out |= {f"retrieval_{k}_pixel": v for k, v in recall.items()}
-            out["retrieval_pairs"] = n
-            out["retrieval_pixel_gallery"] = sum(len(g) for g in self.galleries)
-        return out
-
-    def __call__(self, model: SiglipModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        """{metric: value}: the model's scores, then the baselines' (computed at the first call)."""
-        if self.baselines is None:
-            self.baselines = self._compute_baselines()
-        was_training = model.training
-        model.eval()
-        out: dict[str, float] = {}
-        if self.fashion is not None:
-            probs = zero_shot(
-                model, tokenizer, self.fashion["image"], FASHION_MNIST_PHRASES, FASHION_MNIST_TEMPLATES,
-                self.cfg.batch_size,
-            )  # fmt: skip
-            hits = probs.argmax(-1) == torch.tensor(self.fashion["label"])
-            out["zeroshot_top1"] = hits.float().mean().item()
-        if self.pairs is not None:
-            recall = retrieval(
-                model, tokenizer, self.pairs["image"], self.pairs["text"], (1, 5), self.cfg.batch_size
-            )
-            out |= {f"retrieval_{k}": v for k, v in recall.items()}
-        if self.easy_vqa is not None:
-            out |= easy_vqa_probe(model, tokenizer, self.easy_vqa, self.cfg.batch_size)
-        model.train(was_training)
-        return out | self.baselines
+def caption_classes(ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """One id per distinct caption (as tokenised), the same on every process, as (N,) per source (equal ids
+    are matches: `train.equal_captions_match`), and how many distinct captions there are."""
+    distinct, inverse = torch.unique(torch.cat(ids), dim=0, return_inverse=True)
+    return list(inverse.split([len(x) for x in ids])), len(distinct)
 
 
 # -- the loop -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the loop works on, from `setup`: the model as accelerate prepared it (`model`, DDP-wrapped with
+    several processes) and unwrapped (`core`), the data as token ids and caption classes per source, and
+    the step reached."""
+
+    cfg: PretrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    core: SiglipModel
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: torch.optim.Optimizer
+    sources: list[tuple[Source, datasets.Dataset]]
+    ids: list[torch.Tensor]  # (N, length) token ids per source
+    caption_ids: list[torch.Tensor]  # (N,) per source: equal ids are equal captions
+    stream: Stream
+    processor: SiglipImageProcessor
+    metrics: MetricsLog
+    evaluator: SiglipEvaluator | None  # on the main process only
+    step: int
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def per_step(self) -> int:
+        """Pairs an optimizer step, over all processes and micro-batches."""
+        t = self.cfg.train
+        return t.batch_size * self.accelerator.num_processes * t.grad_accum
+
+    def log(self, line: str) -> None:
+        self.accelerator.print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,28 +378,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTrainedTokenizerBase]:
     """Run (or continue) the pretraining described by `cfg`; returns the trained model and its tokenizer."""
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer
+    run = setup(cfg, resume)
+    started = time.perf_counter()
+    fit(run)
+    ship(run, time.perf_counter() - started)
+    return run.core, run.tokenizer
 
+
+def setup(cfg: PretrainConfig, resume: bool) -> Run:
+    """Model, tokenizer, optimizer, data and evaluator; from the newest checkpoint when there is one."""
     t = cfg.train
-    # cpu=True on a machine without CUDA: accelerate then treats torchrun's WORLD_SIZE > 1 as multi-process
-    # CPU (gloo); without it each process would train alone.
-    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.cuda.is_available())
-    log = accelerator.print
-    run = Path(t.out_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-
-    # setup: a checkpoint (resume) or `init` brings its own tokenizer; else one is trained on the captions
-    ckpt = latest_checkpoint(run, log) if (resume or run.exists()) else None
-    if ckpt is not None:
-        check_resumable(ckpt, to_dict(cfg))
-    init = ckpt or cfg.model.init  # then cfg.model's shapes are not used: the folder says them
-    model = tokenizer = None
-    if init:
-        model, tokenizer = SiglipModel.from_pretrained(init), AutoTokenizer.from_pretrained(init)
-        log(f"model and tokenizer from {init}")
+    accelerator = make_accelerator(t.bf16, t.seed)
+    log, run_dir = accelerator.print, Path(t.out_dir)
+    ckpt = resume_point(run_dir, resume, to_dict(cfg), log)
+    # a checkpoint or `init` brings its own tokenizer, and its shapes (then cfg.model's are not used)
+    model, tokenizer = load_init(ckpt or cfg.model.init, log)
     size = model.config.vision_config.image_size if model is not None else cfg.model.vision.image_size
     log(f"training data at {size} px:")
     sources = load_sources(cfg.data.train, size, log)
@@ -505,16 +401,7 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
             f"none of the training sources {[s.name for s in cfg.data.train]} is available"
         )
     if model is None:
-        # one process trains the tokenizer and the others read it, so all hold the same vocabulary
-        folder = run / "tokenizer"
-        if accelerator.is_main_process:
-            texts = [text for _, data in sources for text in data["text"]]
-            text_cfg = cfg.model.text
-            train_tokenizer(texts, text_cfg.vocab_size, text_cfg.max_position_embeddings).save_pretrained(
-                folder
-            )
-        accelerator.wait_for_everyone()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = shared_tokenizer(cfg, sources, accelerator)
         torch.manual_seed(t.seed)  # the same initial weights whatever ran before
         model = build_model(cfg, tokenizer)
     model.train()
@@ -523,137 +410,124 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
     log(
         f"SigLIP: {params / 1e6:.2f} M parameters; vocabulary {len(tokenizer):,}; texts padded to {length} tokens"
     )
-    groups = param_groups(model, t.weight_decay)
-    optimizer = (
-        torch.optim.AdamW(groups, lr=t.lr) if t.optimizer == "adamw" else torch.optim.SGD(groups, lr=t.lr)
-    )
-    step = 0
-    if ckpt is not None:
-        step = load_training_state(ckpt, optimizer)["step"]
-        log(f"resumed from {ckpt} at step {step}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core: SiglipModel = accelerator.unwrap_model(model)
+    optimizer = build_optimizer(param_groups(model, t.weight_decay), t.optimizer, t.lr)
+    step = resume_step(ckpt, optimizer, log)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
 
-    # Captions tokenized once, up front: (N, length) per source. Truncation is counted, not silent.
-    ids = [tokenize(tokenizer, data["text"], length) for _, data in sources]
-    cut = sum(int((x[:, -1] != tokenizer.pad_token_id).sum()) for x in ids)
-    if cut:
-        log(f"{cut:,} captions fill all {length} tokens (longer ones are truncated, keeping </s>)")
+    ids = tokenize_captions(tokenizer, sources, length, log)
     stream = Stream([len(d) for _, d in sources], [s.weight for s, _ in sources], t.seed)
-    per_step = t.batch_size * world * t.grad_accum
-    log(
-        f"{stream.epoch_len:,} rows an epoch; {per_step} a step; {t.steps} steps = "
-        f"{t.steps * per_step / stream.epoch_len:.2f} epochs"
-    )
-    processor = SiglipImageProcessor(size)
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        dump(cfg, run / "config.yaml")
-    metrics = MetricsLog(run / "metrics.jsonl")
-    evaluator = Evaluator(cfg.eval, sources, size, log) if accelerator.is_main_process else None
-
-    # One id per distinct caption (as tokenised), the same on every process: equal ids are matches.
-    distinct, inverse = torch.unique(torch.cat(ids), dim=0, return_inverse=True)
-    caption_ids = inverse.split([len(x) for x in ids])
+    log(stream.describe(t.batch_size * accelerator.num_processes * t.grad_accum, t.steps))
+    metrics = open_run_folder(run_dir, cfg, accelerator.is_main_process)
+    evaluator = build_evaluator(cfg.eval, sources, size, log) if accelerator.is_main_process else None
+    caption_ids, distinct = caption_classes(ids)
     if t.equal_captions_match:
-        log(f"{len(distinct):,} distinct captions among {len(inverse):,} pairs; equal ones match")
+        log(f"{distinct:,} distinct captions among {sum(len(x) for x in ids):,} pairs; equal ones match")
+    return Run(
+        cfg, accelerator, wrapped, accelerator.unwrap_model(wrapped), tokenizer, optimizer, sources, ids,
+        caption_ids, stream, SiglipImageProcessor(size), metrics, evaluator, step,
+    )  # fmt: skip
 
-    def micro_batches(position: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """This step's micro-batches for this process: (pixels (b, 3, H, W), input ids (b, length), caption
-        ids (b,) or None)."""
-        out = []
-        for micro in range(t.grad_accum):
-            pairs = stream.take(position + micro * t.batch_size * world, t.batch_size * world)
-            mine = pairs[rank * t.batch_size : (rank + 1) * t.batch_size]
-            images = [sources[s][1][r]["image"] for s, r in mine]
-            matches = torch.stack([caption_ids[s][r] for s, r in mine]) if t.equal_captions_match else None
-            out.append((processor(images), torch.stack([ids[s][r] for s, r in mine]), matches))
-        return out
 
-    def save(at: int) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-
-            def write_model(folder: Path) -> None:
-                core.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
-
-            save_training_checkpoint(
-                run, at, write_model, optimizer, {"position": at * per_step}, to_dict(cfg)
-            )
-        accelerator.wait_for_everyone()
-
-    def evaluate_now() -> dict[str, float]:
-        summary = {}
-        if evaluator is not None:
-            summary = evaluator(core, tokenizer)
-            metrics.write(step=step, **{f"eval_{k}": v for k, v in summary.items()})
-            log(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        accelerator.wait_for_everyone()
-        return summary
-
-    # fit
-    bar = tqdm(total=t.steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
-    started, seen = time.perf_counter(), 0
-    while step < t.steps:
-        lr = cosine_lr(step, t.steps, t.warmup_steps, t.lr)
-        set_lr(optimizer, lr)
-        step_loss = torch.zeros((), device=accelerator.device)
-        batches = micro_batches(step * per_step)
-        for i, (pixels, input_ids, match_ids) in enumerate(batches):
-            sync = i == len(batches) - 1
-            with accelerator.no_sync(model) if not sync and world > 1 else nullcontext():
-                with accelerator.autocast():
-                    out = model(
-                        input_ids=input_ids.to(accelerator.device), pixel_values=pixels.to(accelerator.device)
-                    )
-                # fp32 loss on the embeddings: bf16 logits t*cos+b would keep ~3 significant digits. With
-                # several processes, the ring-chunked loss over the global micro-batch (module docstring).
-                loss = chunked_sigmoid_loss(
-                    out.image_embeds.float(), out.text_embeds.float(), core.logit_scale, core.logit_bias,
-                    match_ids=None if match_ids is None else match_ids.to(accelerator.device),
-                )  # fmt: skip
-                accelerator.backward(loss / t.grad_accum)
-            step_loss += loss.detach() / t.grad_accum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += per_step
-        if world > 1:  # each rank's loss is its images' share; their mean is the global loss
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        mean_loss = float(step_loss)
-        rate = seen / (time.perf_counter() - started)
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.1f}")
-        if accelerator.is_main_process and (step % t.log_every == 0 or step == t.steps):
-            metrics.write(
-                step=step, loss=mean_loss, lr=lr, samples_per_s=rate,
-                logit_scale=core.logit_scale.exp().item(), logit_bias=core.logit_bias.item(),
+def fit(run: Run) -> None:
+    """Steps from `run.step` to `train.steps`: logging, checkpointing and (every `eval.every`) evaluating."""
+    t, accelerator = run.cfg.train, run.accelerator
+    progress = Progress(t.steps, run.step, "pretrain", run.per_step, accelerator.is_local_main_process)
+    while run.step < t.steps:
+        lr = cosine_lr(run.step, t.steps, t.warmup_steps, t.lr)
+        set_lr(run.optimizer, lr)
+        loss = train_step(run, micro_batches(run))
+        run.step += 1
+        rate = progress.update(loss, lr)
+        if accelerator.is_main_process and due(run.step, t.log_every, t.steps):
+            run.metrics.write(
+                step=run.step, loss=loss, lr=lr, samples_per_s=rate,
+                logit_scale=run.core.logit_scale.exp().item(), logit_bias=run.core.logit_bias.item(),
             )  # fmt: skip
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            save(step)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
-            evaluate_now()
-    bar.close()
-    seconds = time.perf_counter() - started
+        if due(run.step, t.checkpoint_every, t.steps):
+            save_checkpoint(
+                accelerator, run.dir, run.step, partial(save_dual_encoder, run), run.optimizer,
+                {"position": run.step * run.per_step}, to_dict(run.cfg),
+            )  # fmt: skip
+        if due(run.step, run.cfg.eval.every, t.steps, at_last=False):
+            evaluate(run)
+    progress.close()
 
-    # evaluate and ship
-    core.eval()
-    summary = evaluate_now()
-    if accelerator.is_main_process:
-        final = run / "final"
-        core.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        core.vision_model.save_pretrained(final / "vision")  # the tower alone, for the VLM
+
+def micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """This step's micro-batches for this process: (pixels (b, 3, H, W), input ids (b, length), caption ids
+    (b,) or None)."""
+    t, accelerator = run.cfg.train, run.accelerator
+    out = []
+    for rows in run.stream.step_rows(
+        run.step, t.batch_size, t.grad_accum, accelerator.num_processes, accelerator.process_index
+    ):
+        images = [run.sources[s][1][r]["image"] for s, r in rows]
+        matches = torch.stack([run.caption_ids[s][r] for s, r in rows]) if t.equal_captions_match else None
+        out.append((run.processor(images), torch.stack([run.ids[s][r] for s, r in rows]), matches))
+    return out
+
+
+def train_step(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> float:
+    """One optimizer step over this process's micro-batches; returns the step's loss over all processes."""
+    accelerator, core, device = run.accelerator, run.core, run.accelerator.device
+    step_loss = torch.zeros((), device=device)
+    for i, (pixels, input_ids, match_ids) in enumerate(batches):
+        with grad_sync(accelerator, run.model, last=i == len(batches) - 1):
+            with accelerator.autocast():
+                out = run.model(input_ids=input_ids.to(device), pixel_values=pixels.to(device))
+            # fp32 loss on the embeddings: bf16 logits t*cos+b would keep ~3 significant digits. With
+            # several processes, the ring-chunked loss over the global micro-batch (module docstring).
+            loss = chunked_sigmoid_loss(
+                out.image_embeds.float(), out.text_embeds.float(), core.logit_scale, core.logit_bias,
+                match_ids=None if match_ids is None else match_ids.to(device),
+            )  # fmt: skip
+            accelerator.backward(loss / run.cfg.train.grad_accum)
+        step_loss += loss.detach() / run.cfg.train.grad_accum
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:  # each rank's loss is its images' share; their mean is the global loss
+        dist.all_reduce(step_loss)
+        step_loss /= accelerator.num_processes
+    return float(step_loss)
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """The evaluator's scores on the main process (the others wait), written to metrics.jsonl and printed."""
+    summary = {}
+    if run.evaluator is not None:
+        summary = run.evaluator(run.core, run.tokenizer)
+        run.metrics.write_eval(run.step, summary)
+        run.log(f"step {run.step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+# -- saving -------------------------------------------------------------------------------------------------
+
+
+def save_dual_encoder(run: Run, folder: Path) -> None:
+    """The model and its tokenizer into one folder (both `from_pretrained` calls read it)."""
+    save_siglip_model(run.core, folder)
+    run.tokenizer.save_pretrained(folder)
+
+
+def ship(run: Run, seconds: float) -> None:
+    """The final evaluation, then `final/` (dual encoder + tokenizer, `vision/` the tower alone), the curves
+    and the model card."""
+    run.core.eval()
+    summary = evaluate(run)
+    if run.accelerator.is_main_process:
+        final = run.dir / "final"
+        save_dual_encoder(run, final)
+        save_vision_encoder(run.core.vision_model, final / "vision")  # the tower alone, for the VLM
         plot_curves(
-            metrics.read(), run / "curves.png",
-            ("loss", "logit_bias", "eval_zeroshot_top1", "eval_retrieval_image_to_text@1"), f"SigLIP {run.name}",
+            run.metrics.read(), run.dir / "curves.png",
+            ("loss", "logit_bias", "eval_zeroshot_top1", "eval_retrieval_image_to_text@1"),
+            f"SigLIP {run.dir.name}",
         )  # fmt: skip
-        write_model_card(final, cfg, core, step, per_step, summary, seconds)
-        log(f"model saved to {final} (vision tower alone: {final / 'vision'})")
-    accelerator.wait_for_everyone()
-    return core, tokenizer
+        write_model_card(final, run.cfg, run.core, run.step, run.per_step, summary, seconds)
+        run.log(f"model saved to {final} (vision tower alone: {final / 'vision'})")
+    run.accelerator.wait_for_everyone()
 
 
 def write_model_card(
@@ -665,6 +539,7 @@ def write_model_card(
     summary: dict,
     seconds: float,
 ) -> None:
+    """`folder/README.md`: the model's shape, data and steps, and the evaluation beside its baselines."""
     v, tx = model.config.vision_config, model.config.text_config
     sources = ", ".join(
         f"{s.name}[{s.split}]" + (f" x{s.weight:g}" if s.weight != 1 else "") for s in cfg.data.train
@@ -682,7 +557,7 @@ def write_model_card(
         "",
         "## Evaluation on held-out images",
         "",
-        "Baselines (train/pretrain_siglip.py `Evaluator`): zero-shot against 1-nearest-neighbour on raw pixels",
+        "Baselines (vlm/siglip_eval.py `SiglipEvaluator`): zero-shot against 1-nearest-neighbour on raw pixels",
         "over labelled Fashion-MNIST training images; retrieval against caption transfer from the raw-pixel",
         "nearest training image (TF-IDF word overlap). Both baselines see labelled training rows.",
         "",

@@ -1,5 +1,6 @@
 """Pieces every training loop here shares: the LR schedule, a resumable data order, fault-proof checkpoints,
-metrics and curves.
+metrics and curves, and the steps of a loop that are the same in every script (starting the run, resuming,
+checkpointing from one process, the progress bar).
 
 Checkpoints are folders `step-00000100/` under a run's `checkpoints/`, written under a temporary name and
 renamed into place only when complete (a rename is atomic on one filesystem), with a `COMPLETE` marker
@@ -18,12 +19,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 COMPLETE = "COMPLETE"
 
@@ -66,6 +72,7 @@ class Stream:
         self._cache: tuple[int, list[tuple[int, int]]] | None = None
 
     def take(self, position: int, n: int) -> list[tuple[int, int]]:
+        """The `n` (source, row) pairs from `position` on (positions count rows since the first epoch)."""
         out = []
         for p in range(position, position + n):
             epoch, index = divmod(p, self.epoch_len)
@@ -73,6 +80,27 @@ class Stream:
                 self._cache = (epoch, epoch_order(self.sizes, self.weights, epoch, self.seed))
             out.append(self._cache[1][index])
         return out
+
+    def step_rows(
+        self, step: int, batch_size: int, grad_accum: int = 1, world: int = 1, rank: int = 0
+    ) -> list[list[tuple[int, int]]]:
+        """This process's rows for optimizer step `step`: `grad_accum` micro-batches of `batch_size` pairs.
+        A step is `batch_size * world * grad_accum` consecutive positions; each micro-batch is a global one of
+        `batch_size * world`, of which process `rank` takes its slice. Depends on `step` alone, so a resumed
+        run draws what the uninterrupted one would."""
+        position = step * batch_size * world * grad_accum
+        out = []
+        for micro in range(grad_accum):
+            pairs = self.take(position + micro * batch_size * world, batch_size * world)
+            out.append(pairs[rank * batch_size : (rank + 1) * batch_size])
+        return out
+
+    def describe(self, per_step: int, steps: int) -> str:
+        """One line for the log: rows an epoch, rows a step, and how many epochs the run makes."""
+        return (
+            f"{self.epoch_len:,} rows an epoch; {per_step} a step; {steps} steps = "
+            f"{steps * per_step / self.epoch_len:.2f} epochs"
+        )
 
 
 # -- optimizer and RNG state as safetensors + JSON --------------------------------------------------------
@@ -228,6 +256,10 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def write_eval(self, step: int, summary: dict[str, Any]) -> None:
+        """An evaluation's scores at `step`, each key prefixed `eval_` (beside the training loss's keys)."""
+        self.write(step=step, **{f"eval_{k}": v for k, v in summary.items()})
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
@@ -257,6 +289,111 @@ def plot_curves(records: list[dict[str, Any]], path: Path, keys: tuple[str, ...]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- the loop's shared steps ------------------------------------------------------------------------------------
+
+
+def make_accelerator(bf16: bool, seed: int) -> Accelerator:
+    """The run's `accelerate.Accelerator` (bf16 autocast when asked), with torch's and Python's RNG seeded."""
+    from accelerate import Accelerator
+
+    # cpu=True on a machine without CUDA: accelerate then treats torchrun's WORLD_SIZE > 1 as multi-process
+    # CPU (gloo); without it each process would train alone.
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return accelerator
+
+
+def resume_point(
+    run_dir: Path, resume: bool, config: dict[str, Any], log: Callable[[str], None] = print
+) -> Path | None:
+    """The checkpoint a run continues from: the newest complete one when `resume` is asked or the run folder
+    exists (re-running a command continues its run), else None. Raises ValueError when that checkpoint was
+    written under a config that trains differently (`check_resumable`)."""
+    ckpt = latest_checkpoint(run_dir, log) if (resume or run_dir.exists()) else None
+    if ckpt is not None:
+        check_resumable(ckpt, config)
+    return ckpt
+
+
+def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float) -> torch.optim.Optimizer:
+    """AdamW or SGD over the parameter groups (each group's `lr_scale` is applied by `set_lr`)."""
+    return torch.optim.AdamW(groups, lr=lr) if name == "adamw" else torch.optim.SGD(groups, lr=lr)
+
+
+def resume_step(
+    ckpt: Path | None, optimizer: torch.optim.Optimizer, log: Callable[[str], None] = print
+) -> int:
+    """The step a run starts at: 0, or the checkpoint's, with its optimizer and RNG state restored."""
+    if ckpt is None:
+        return 0
+    step = load_training_state(ckpt, optimizer)["step"]
+    log(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def open_run_folder(run_dir: Path, config: Any, main_process: bool = True) -> MetricsLog:
+    """The run folder, with the resolved config beside it as `config.yaml` (written by the main process),
+    and its `metrics.jsonl`."""
+    from vlm.config import dump
+
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump(config, run_dir / "config.yaml")
+    return MetricsLog(run_dir / "metrics.jsonl")
+
+
+def due(step: int, every: int, total: int, at_last: bool = True) -> bool:
+    """Whether something done every `every` steps (0: never) falls on `step`. The last step (`total`) does
+    with `at_last` (a log line, a checkpoint), never without (a mid-run evaluation: the final one follows)."""
+    if step == total:
+        return at_last
+    return every > 0 and step % every == 0
+
+
+def grad_sync(accelerator: Accelerator, model: torch.nn.Module, last: bool) -> AbstractContextManager:
+    """Where a micro-batch's forward and backward run: gradients accumulate locally over a step's micro-batches
+    (DDP's `no_sync`) and are all-reduced across processes once, on its `last`."""
+    return accelerator.no_sync(model) if not last and accelerator.num_processes > 1 else nullcontext()
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    write_model: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+) -> None:
+    """`save_training_checkpoint` from the main process, every process waiting before (so all have taken the
+    step) and after (so none runs ahead of a checkpoint being written)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_training_checkpoint(run_dir, step, write_model, optimizer, state, config)
+    accelerator.wait_for_everyone()
+
+
+class Progress:
+    """A run's progress bar (on the local main process only) and its throughput in samples per second."""
+
+    def __init__(self, total: int, initial: int, desc: str, per_step: int, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled)
+        self.per_step, self.seen, self.started = per_step, 0, time.perf_counter()
+
+    def update(self, loss: float, lr: float) -> float:
+        """One step done: the bar moves and shows loss, LR and throughput; returns the samples per second
+        since this run (or resumed run) started."""
+        self.seen += self.per_step
+        rate = self.seen / (time.perf_counter() - self.started)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.1f}")
+        return rate
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # -- the scripts' command line ---------------------------------------------------------------------------------
