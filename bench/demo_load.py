@@ -4,8 +4,9 @@
     python bench/demo_load.py --url http://127.0.0.1:7860/ --clients 20 --requests 3 --max-new-tokens 32
 
 Each client streams every answer from `/ask_stream`, so it measures what a user waits for: latency
-(submit -> last piece), time to first token (submit -> first non-empty piece; queueing included, since the
-demo answers one question at a time) and throughput (answers per minute of wall time). The run fails (exit 1)
+(submit -> last piece), time to first token (submit -> first non-empty piece; waiting included: the demo
+batches concurrent questions, and a question that arrives while a batch decodes joins it at the next token)
+and throughput (answers per minute of wall time). The run fails (exit 1)
 unless every request was answered.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from gradio_client import Client, handle_file
 
-from vlm.app import EXAMPLES, launch
+from demo.app import EXAMPLES, launch
 
 
 @dataclass

@@ -1,15 +1,19 @@
-"""The Gradio demo (`vlm/app.py`) around a tiny random VLM (SmolLM2's real tokenizer).
+"""The Gradio demo (`demo/`) around a tiny random VLM (SmolLM2's real tokenizer).
 
-The handlers called directly (streaming, multi-image chat, bad input, context truncation, stop, encoder
-pictures, zero-shot), then the served app driven through `gradio_client` (an answer, the upload cap, 20
-concurrent clients). The browser test is `test_app_browser.py`."""
+The handlers called directly (streaming, multi-image chat, bad input, context truncation, stop, uploads
+removed once read, encoder pictures, zero-shot), the `vlm demo` entry point, then the served app driven
+through `gradio_client` (an answer, uploads removed, the upload cap, 20 concurrent clients). The browser
+test is `test_app_browser.py`."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import shutil
 import socket
 import sys
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,21 +21,17 @@ from types import SimpleNamespace
 import gradio as gr
 import httpx
 import pytest
+from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from PIL import Image
 from tiny import VISION, build
 
-from vlm.app import (
-    EXAMPLES,
-    UNTRAINED,
-    Demo,
-    Settings,
-    build_app,
-    describe_model,
-    launch,
-    load_model,
-)
+import demo.app as demo_app
+from demo.app import EXAMPLES, UNTRAINED, build_app, describe_model, launch, load_model
+from demo.handlers import KEEP_SIDE, SHOWN_SIDE, Handlers, Settings
 from vlm.conversation import user
+from vlm.viz import patch_similarity
+from vlm.zeroshot import zero_shot
 
 IMAGE = str(EXAMPLES[0].path)  # easy-VQA test image 0: a red triangle, 64x64
 PHOTO = str(next(e.path for e in EXAMPLES if e.file == "chelsea.jpg"))
@@ -49,19 +49,39 @@ def model(parts):
 
 
 @pytest.fixture(scope="module")
-def app(model) -> gr.Blocks:
-    return build_app(model)
+def uploads(tmp_path_factory) -> Path:
+    """The handlers' upload folder (Gradio's, for a served app)."""
+    return tmp_path_factory.mktemp("gradio-uploads")
 
 
 @pytest.fixture(scope="module")
-def demo(app) -> Demo:
-    return app.handlers
+def demo(model, uploads) -> Handlers:
+    handlers = Handlers(model, upload_folder=uploads)
+    yield handlers
+    handlers.close()
 
 
-def chat(demo: Demo, question: str, image: str | None = None, display=None, history=None, **settings):
+@pytest.fixture(scope="module")
+def app(demo) -> gr.Blocks:
+    return build_app(demo)
+
+
+def upload(folder: Path, source: str | Path, name: str | None = None) -> str:
+    """Copy a file into `folder` as Gradio files an upload: <folder>/<content hash>/<name>."""
+    target = folder / uuid.uuid4().hex / (name or Path(source).name)
+    target.parent.mkdir(parents=True)
+    shutil.copy(source, target)
+    return str(target)
+
+
+def chat(demo: Handlers, question: str, image: str | None = None, display=None, history=None, **settings):
     """Run one chat turn to the end: (all yields, final chatbot messages, final history)."""
     outs = list(demo.chat(question, image, display or [], history or [], **(QUICK | settings)))
     return outs, outs[-1][0], outs[-1][1]
+
+
+def session(name: str) -> SimpleNamespace:
+    return SimpleNamespace(session_hash=name)  # what the handlers read of a gr.Request
 
 
 # -- the handlers, called directly ----------------------------------------------------------------------
@@ -72,18 +92,22 @@ def test_the_app_has_its_named_endpoints(app) -> None:
     assert list(app.get_api_info()["named_endpoints"]) == ["/ask", "/ask_stream", "/attention", "/similarity"]
 
 
-def test_chat_streams_growing_text_equal_to_the_models_answer(demo, model) -> None:
+def test_chat_streams_growing_text_equal_to_the_models_answer(demo, model, uploads) -> None:
     outs, shown, history = chat(demo, "What shape is in the image?", IMAGE, max_new_tokens=12)
     answers = [out[0][-1]["content"] for out in outs[1:]]
     assert len(answers) >= 3  # it streamed, piece by piece
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(answers, answers[1:], strict=False))
     assert answers[-1] == model.ask(IMAGE, "What shape is in the image?", max_new_tokens=12)
-    # the first yield shows the question (with its image) and clears the input boxes
-    assert outs[0][0][-1] == {"role": "user", "content": [{"path": IMAGE}, "What shape is in the image?"]}
+    # the first yield shows the question with a copy of its image, and clears the input boxes
+    first = outs[0][0][-1]
+    assert first["role"] == "user" and first["content"][1] == "What shape is in the image?"
+    copy = Path(first["content"][0]["path"])
+    assert copy.parent.parent == uploads and Image.open(copy).size == (64, 64)  # Gradio's folder cleans it
     assert outs[0][2:] == ("", None)
     assert [m["role"] for m in shown] == ["user", "assistant"]
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[-1]["content"] == answers[-1]
+    assert Path(IMAGE).is_file()  # an example is never deleted
 
 
 def test_a_second_image_joins_mid_conversation_and_the_first_stays(demo, model) -> None:
@@ -99,7 +123,7 @@ def test_a_second_image_joins_mid_conversation_and_the_first_stays(demo, model) 
     assert history[-1]["content"] == model.generate([history[:-1]], max_new_tokens=8)[0]
 
 
-def test_bad_input_gets_a_friendly_message_and_the_chat_goes_on(demo, model, tmp_path) -> None:
+def test_bad_input_gets_a_friendly_message_and_the_chat_goes_on(demo, model, uploads, tmp_path) -> None:
     def reply(question: str, image: str | None) -> str:
         outs, shown, history = chat(demo, question, image)
         assert len(outs) == 1 and history == []  # nothing reached the model
@@ -122,8 +146,13 @@ def test_bad_input_gets_a_friendly_message_and_the_chat_goes_on(demo, model, tmp
         message = reply("What is it?", str(path))
         assert message.startswith("⚠️ I couldn't use that image") and why in message
         assert "Traceback" not in message
-    huge = Demo(model, max_image_pixels=64 * 63)  # the 64x64 example is one pixel row too big
+        if path.exists():  # the same file as an upload: the same message, and the upload is deleted
+            uploaded = upload(uploads, path)
+            assert reply("What is it?", {"path": uploaded, "orig_name": path.name}) == message
+            assert not Path(uploaded).exists()
+    huge = Handlers(model, max_image_pixels=64 * 63)  # the 64x64 example is one pixel row too big
     outs = list(huge.chat("What is it?", IMAGE, [], [], **QUICK))
+    huge.close()
     assert (
         "is 64x64 = 4,096 pixels, more than the limit of 4,032" in outs[-1][0][-1]["content"]
         and "at most 4,032 pixels." in outs[-1][0][-1]["content"]
@@ -131,6 +160,45 @@ def test_bad_input_gets_a_friendly_message_and_the_chat_goes_on(demo, model, tmp
     # and the app still answers
     _, shown, _ = chat(demo, "What is it?", IMAGE)
     assert shown[-1]["role"] == "assistant" and shown[-1]["content"]
+
+
+def test_uploads_are_deleted_once_read(demo, model, uploads) -> None:
+    # a chat turn: the upload (Gradio's record of it, as the page sends it) is gone, the answer is the same
+    uploaded = upload(uploads, IMAGE)
+    _, shown, history = chat(demo, "What shape is in the image?", {"path": uploaded, "url": None})
+    assert not Path(uploaded).exists()
+    assert history[-1]["content"] == model.ask(IMAGE, "What shape is in the image?", **QUICK)
+    assert Path(shown[0]["content"][0]["path"]).is_file()  # the chat's own small copy stays
+    # a big one: the model's history keeps it at KEEP_SIDE, the chat shows a copy at SHOWN_SIDE
+    big = uploads / "big.png"
+    Image.new("RGB", (1500, 1000), "red").save(big)
+    _, shown, history = chat(demo, "And this?", upload(uploads, big))
+    kept = next(p["image"] for p in history[0]["content"] if p["type"] == "image")
+    assert kept.size[0] == KEEP_SIDE and abs(kept.size[1] - KEEP_SIDE * 2 / 3) < 1
+    shown_size = Image.open(shown[0]["content"][0]["path"]).size
+    assert shown_size[0] == SHOWN_SIDE and abs(shown_size[1] - SHOWN_SIDE * 2 / 3) < 1
+    # the API handlers: answers, pictures and refusals all delete theirs
+    for call in [
+        lambda image: demo.ask(image, "What is it?", **QUICK),
+        lambda image: list(demo.ask_stream(image, "What is it?", **QUICK)),
+        demo.attention,
+        lambda image: demo.similarity(image, 1, 2),
+        demo.encoder_view,
+    ]:
+        uploaded = upload(uploads, PHOTO)
+        assert call(uploaded) is not None and not Path(uploaded).exists()
+    uploaded = upload(uploads, IMAGE)
+    with pytest.raises(gr.Error, match="ask a question"):
+        demo.ask(uploaded, "  ")
+    assert not Path(uploaded).exists()
+    uploaded = upload(uploads, __file__, "notes.png")
+    with pytest.raises(gr.Error, match="couldn't use that image"):
+        demo.ask(uploaded, "What is it?")
+    assert not Path(uploaded).exists()
+    # the same file sent twice at once shares one upload path: the second reader still gets the image
+    uploaded = upload(uploads, IMAGE)
+    first, second = demo.uploads.open(uploaded), demo.uploads.open(uploaded)
+    assert first.size == second.size == (64, 64) and not Path(uploaded).exists()
 
 
 def test_api_handlers_raise_the_friendly_message(demo) -> None:
@@ -142,19 +210,19 @@ def test_api_handlers_raise_the_friendly_message(demo) -> None:
 
 
 def test_long_conversations_lose_their_oldest_turns_with_a_notice(demo, model) -> None:
-    assert demo.context_length == 512  # the tiny LM's
+    assert model.context_length == 512  # the tiny LM's
     filler = "Tell me more about the shapes and their colours please. " * 8  # ~100 tokens
     history = []
     for i in range(4):
         history += [user(f"{i}: {filler}", [Image.open(IMAGE)] if i == 0 else []), {"role": "assistant", "content": filler}]  # fmt: skip
-    assert demo.prompt_length(history) > 512 - 8
+    assert model.prompt_length(history) > 512 - 8
     outs, shown, kept = chat(demo, "Last question?", None, [], history)
     notice = shown[-2]["content"]
     assert notice.startswith("ⓘ") and "512-token context" in notice and "(with 1 image)" in notice
     assert kept[-2]["content"][-1]["text"] == "Last question?"  # the newest turn is kept
     assert len(kept) < len(history) + 2 and kept[0]["role"] == "user"  # whole exchanges dropped, oldest first
     assert not kept[0]["content"][-1]["text"].startswith("0:")
-    assert demo.prompt_length(kept[:-1]) <= 512 - 8
+    assert model.prompt_length(kept[:-1]) <= 512 - 8
     assert kept[-1]["role"] == "assistant"
     # one message longer than the whole context: a friendly refusal
     outs, shown, kept = chat(demo, filler * 6, None)
@@ -167,40 +235,50 @@ def test_settings_are_clamped_to_the_context(demo) -> None:
     assert demo.settings(0, 0.7, 0.0) == Settings(1, 0.7, 0.01)
 
 
-def test_stopping_frees_the_model_within_a_token(demo, model) -> None:
-    messages = [user("Tell me a long story.")]
-    stream = demo.stream(messages, Settings(max_new_tokens=256), session="s1")
-    next(stream)
-    assert demo._model_lock.locked()
-    demo.stop(SimpleNamespace(session_hash="s1"))  # the stop button: its session's generation ends
-    rest = list(stream)
-    assert len(rest) < 20
-    assert demo._model_lock.acquire(timeout=1.0)  # free again
-    demo._model_lock.release()
-    # closing the generator (Gradio's cancel, a closed tab) stops the worker too
-    stream = demo.stream(messages, Settings(max_new_tokens=256))
-    next(stream)
-    stream.close()
-    assert demo._model_lock.acquire(timeout=1.0)
-    demo._model_lock.release()
+def test_stop_and_a_closed_stream_end_the_answer_within_a_token(demo) -> None:
+    long = dict(max_new_tokens=256, temperature=0.0, top_p=1.0)
+    turn = demo.chat("Tell me a long story.", None, [], [], **long, request=session("s1"))
+    next(turn), next(turn)  # the question shown, then the first piece
+    demo.stop(session("s1"))  # the stop button: its session's answer ends
+    rest = list(turn)
+    assert len(rest) <= 2  # at most the piece already on its way
+    answer = rest[-1][1][-1]["content"] if rest else ""
+    assert len(demo.model.tokenizer(answer)["input_ids"]) < 20
+    assert "s1" not in demo._stops
+    # closing the generator (Gradio's cancel, a closed tab) stops the answer too
+    turn = demo.chat("Tell me a long story.", None, [], [], **long, request=session("s2"))
+    next(turn), next(turn)
+    stop = demo._stops["s2"]
+    turn.close()
+    assert stop.is_set() and "s2" not in demo._stops
+    # a new answer in a session stops that session's previous one
+    first = demo.stream([user("Tell me a long story.")], Settings(256), session="s3")
+    next(first)
+    second = demo.stream([user("Another one.")], Settings(4), session="s3")
+    next(second)
+    assert len(list(first)) <= 2
+    list(second)
+    assert demo.ask(None, "Still there?", **QUICK)
 
 
 def test_attention_and_similarity_pictures(demo, model) -> None:
     attention = demo.attention(PHOTO)
     assert attention.size == (384, 384) and attention.mode == "RGB"
-    picture, note, sim_picture, sim_note = demo.encoder_view(PHOTO)
+    picture, note, sim_picture, sim_note, kept = demo.encoder_view(PHOTO)
     assert picture.size == sim_picture.size == (384, 384)
     assert "pooling head" in note and "row 3, column 3" in sim_note  # the centre patch of the 4x4 grid
+    assert kept.size == Image.open(PHOTO).size  # the tab's state: clicks and zero-shot read it, not the file
     # a click at pixel (x=383, y=0) of the 384-px picture is the top-right patch
     click = gr.SelectData(None, {"index": [383, 0], "value": None})
-    sim_picture, sim_note = demo.similarity_click(PHOTO, click)
+    sim_picture, sim_note = demo.similarity_click(kept, click)
     assert sim_picture.size == (384, 384) and "row 1, column 4" in sim_note
-    sim = demo.patch_similarity(Image.open(PHOTO).convert("RGB"), 0, 3)
+    sim = patch_similarity(model.vision, model.processor([Image.open(PHOTO).convert("RGB")]), 0, 3)
     assert sim.shape == model.config.grid and sim[0, 3] == pytest.approx(1.0, abs=1e-5)
     assert sim.max() <= 1 + 1e-5
     assert demo.similarity(PHOTO, 0, 3).size == (384, 384)
+    assert demo.similarity(kept, 0, 3).size == (384, 384)
     assert demo.encoder_view(__file__)[1].startswith("⚠️")
-    assert demo.attention(None) is None
+    assert demo.attention(None) is None and demo.similarity_click(None, click) == (None, "")
 
 
 def test_zero_shot_appears_with_a_text_tower(model, tokenizer) -> None:
@@ -213,14 +291,20 @@ def test_zero_shot_appears_with_a_text_tower(model, tokenizer) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).eval()
-    app = build_app(model, siglip_model=siglip, siglip_tokenizer=tokenizer)
+    handlers = Handlers(model, dual_encoder=(siglip, tokenizer))
+    app = build_app(handlers)
     assert "/zero_shot" in app.get_api_info()["named_endpoints"]
-    scores = app.handlers.zero_shot(PHOTO, "a cat, a dog,  , a cat")
+    scores = handlers.zero_shot(PHOTO, "a cat, a dog,  , a cat")
     assert list(scores) == ["a cat", "a dog"] and all(0 <= p <= 1 for p in scores.values())
+    # `vlm.zeroshot`'s scores, with its templates
+    expected = zero_shot(siglip, tokenizer, [PHOTO], ["a cat", "a dog"])[0].tolist()
+    assert list(scores.values()) == pytest.approx(expected, abs=1e-6)
+    assert handlers.zero_shot(Image.open(PHOTO), "a cat") == pytest.approx({"a cat": expected[0]}, abs=1e-6)
     with pytest.raises(gr.Error, match="comma-separated"):
-        app.handlers.zero_shot(PHOTO, " , ")
-    with pytest.raises(ValueError, match="tokenizer"):
-        Demo(model, siglip_model=siglip)
+        handlers.zero_shot(PHOTO, " , ")
+    with pytest.raises(gr.Error, match="no SigLIP text tower"):
+        Handlers(model).zero_shot(PHOTO, "a cat")
+    handlers.close()
 
 
 def test_model_description(tmp_path) -> None:
@@ -239,12 +323,37 @@ def test_the_demo_script_passes_its_flags_to_launch(monkeypatch) -> None:
     script = Path(__file__).resolve().parents[1] / "demo" / "app.py"
     spec = importlib.util.spec_from_file_location("demo_app", script)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "demo_app", module)  # as Python registers a script (dataclasses need it)
     spec.loader.exec_module(module)
     calls = []
     monkeypatch.setattr(module, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setattr(sys, "argv", ["app.py", "--model", "m", "--port", "7999", "--siglip", "s"])
     module.main()
     assert calls == [(("m",), dict(host="127.0.0.1", port=7999, share=False, siglip_dir="s"))]
+
+
+def test_vlm_demo_runs_the_demo_through_its_entry_point(monkeypatch, capsys) -> None:
+    """`vlm demo` finds `demo.app:main` by its entry point (the library never imports demo/) and hands it
+    its flags; without gradio it says what to install."""
+    from vlm.cli import main
+
+    calls = []
+    monkeypatch.setattr(demo_app, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert main(["demo", "--port", "7999", "--share"]) == 0
+    assert calls == [((None,), dict(host="127.0.0.1", port=7999, share=True, siglip_dir=None))]
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--siglip" in capsys.readouterr().out  # the demo's own help
+
+    class NoGradio:
+        def load(self):
+            raise ModuleNotFoundError("No module named 'gradio'", name="gradio")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: [NoGradio()])
+    assert main(["demo"]) == 2
+    assert "pip install 'vlm[demo]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["zeroshot", "x.jpg", "--labels", "a", "--port", "1"])  # only the demo takes other flags
 
 
 # -- the served app, through gradio_client -------------------------------------------------------------------
@@ -280,6 +389,34 @@ def test_api_answers_an_image_question(served, model) -> None:
     with pytest.raises(Exception, match="couldn't use that image"):
         client.predict(handle_file(__file__), "What is it?", 8, 0.0, 1.0, api_name="/ask")
     assert client.predict(None, "Still there?", 4, 0.0, 1.0, api_name="/ask")  # alive after a bad input
+
+
+def test_the_served_app_deletes_uploads_once_read(served, tmp_path) -> None:
+    client = Client(served, verbose=False)
+
+    def left(name: str) -> list[Path]:  # the upload's file(s) in Gradio's folder
+        return list(Path(get_upload_folder()).rglob(name))
+
+    for name, call in [
+        (f"{uuid.uuid4().hex}.png", lambda f: client.predict(f, "What is it?", 4, 0.0, 1.0, api_name="/ask")),
+        (f"{uuid.uuid4().hex}.png", lambda f: client.predict(f, api_name="/attention")),
+    ]:
+        image = tmp_path / name
+        shutil.copy(IMAGE, image)
+        assert call(handle_file(str(image)))
+        assert left(name) == []
+    refused = tmp_path / f"{uuid.uuid4().hex}.png"
+    refused.write_text("not a picture")
+    with pytest.raises(Exception, match="couldn't use that image"):
+        client.predict(handle_file(str(refused)), "What is it?", 4, 0.0, 1.0, api_name="/ask")
+    assert left(refused.name) == []
+    # the handlers take Gradio's upload record unprocessed, so Gradio must still refuse other paths
+    local = tmp_path / "local.png"
+    shutil.copy(IMAGE, local)
+    data = [{"path": str(local), "meta": {"_type": "gradio.FileData"}}, "What is it?", 4, 0.0, 1.0]
+    event = httpx.post(f"{served}gradio_api/call/ask", json={"data": data}).json()["event_id"]
+    assert "event: error" in httpx.get(f"{served}gradio_api/call/ask/{event}", timeout=60).text
+    assert local.is_file()
 
 
 def test_uploads_over_the_size_cap_are_refused(served, tmp_path) -> None:

@@ -9,15 +9,18 @@ in the environment a missing browser is a failure, so CI cannot pass by skipping
 from __future__ import annotations
 
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gradio.utils import get_upload_folder
 from test_app import EXAMPLES, PHOTO, free_port
 from tiny import build
 
-from vlm.app import launch
+from demo.app import launch
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # Debian's package; override to test elsewhere
 CHROMIUM_ARGS = [
@@ -100,9 +103,11 @@ def wait_until_stable(locator, seconds: float = 1.0, timeout: float = 60.0) -> s
     raise AssertionError(f"no stable answer within {timeout} s (last: {last!r})")
 
 
-def test_chat_with_an_uploaded_image(page) -> None:
+def test_chat_with_an_uploaded_image(page, tmp_path) -> None:
     example = EXAMPLES[0]
-    page.locator("#chat-image input[type=file]").set_input_files(str(example.path))
+    image = tmp_path / f"{uuid.uuid4().hex}.png"  # a name of its own, to find its upload in Gradio's folder
+    shutil.copy(example.path, image)
+    page.locator("#chat-image input[type=file]").set_input_files(str(image))
     page.wait_for_selector("#chat-image img")
     page.get_by_text("Generation settings").click()
     tokens = page.locator("#max-new-tokens input[type=number]")
@@ -117,6 +122,7 @@ def test_chat_with_an_uploaded_image(page) -> None:
     assert example.question in user.last.inner_text()
     assert page.locator("#chatbot img").count() >= 1  # the image shows in the conversation
     assert page.input_value("#chat-question textarea") == ""  # the input was cleared for the next turn
+    assert list(Path(get_upload_folder()).rglob(image.name)) == []  # the upload was deleted once read
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=SHOTS / "chat.png", full_page=True)
 

@@ -1,4 +1,4 @@
-"""`vlm embed` / `vlm viz` / `vlm demo` and the `encoder.embed` one-liner, end to end on real files."""
+"""`vlm embed` / `vlm viz` / `vlm demo` and the `embed_images` one-liner, end to end on real files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from hf_models import hf_vision, save
 from PIL import Image
 
-from vlm import SiglipVisionEncoder
 from vlm.cli import main
-from vlm.embeddings import load_embeddings
+from vlm.embeddings import embed_images, load_embeddings
 from vlm.processing import SiglipImageProcessor
+from vlm.weights import load_vision_encoder
 
 
 @pytest.fixture
@@ -34,10 +34,10 @@ def checkpoint(tmp_path):
 
 
 def test_embed_one_liner_accepts_paths_images_and_tensors(images, checkpoint) -> None:
-    encoder = SiglipVisionEncoder.from_pretrained(checkpoint)
+    encoder = load_vision_encoder(checkpoint)
     files = [images / "red.png", images / "sub" / "grey.jpg"]
-    from_paths = encoder.embed(files)
-    from_pil = encoder.embed([Image.open(f) for f in files])
+    from_paths = embed_images(encoder, files)
+    from_pil = embed_images(encoder, [Image.open(f) for f in files], batch_size=1)
     pixels = SiglipImageProcessor(32)([Image.open(f) for f in files])
     with torch.no_grad():
         want = encoder(pixels).pooler_output
@@ -45,10 +45,14 @@ def test_embed_one_liner_accepts_paths_images_and_tensors(images, checkpoint) ->
     torch.testing.assert_close(from_paths, want)
     torch.testing.assert_close(from_pil, want)
     assert encoder.embed(pixels, pooled=False).shape == (2, 16, 32)
+    torch.testing.assert_close(
+        embed_images(encoder, pixels, pooled=False), encoder.embed(pixels, pooled=False)
+    )
+    assert embed_images(encoder, []).shape == (0, 32)
 
 
 def test_embed_without_head_pools_by_mean(checkpoint, tmp_path) -> None:
-    encoder = SiglipVisionEncoder.from_pretrained(save(hf_vision(vision_use_head=False), tmp_path / "nohead"))
+    encoder = load_vision_encoder(save(hf_vision(vision_use_head=False), tmp_path / "nohead"))
     pixels = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(encoder.embed(pixels), encoder.embed(pixels, pooled=False).mean(1))
 
@@ -60,8 +64,7 @@ def test_vlm_embed_writes_vectors_with_their_file_names(images, checkpoint, tmp_
     )
     vectors, files = load_embeddings(out)
     assert [f.split("images/")[1] for f in files] == ["red.png", "sub/blue.webp", "sub/grey.jpg"]
-    encoder = SiglipVisionEncoder.from_pretrained(checkpoint)
-    torch.testing.assert_close(vectors, encoder.embed(files))
+    torch.testing.assert_close(vectors, embed_images(load_vision_encoder(checkpoint), files))
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "(1 skipped)" in captured.out
 

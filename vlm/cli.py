@@ -84,19 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         help='prompt template with {} for the label, repeatable (embeddings averaged); default "a photo of {}."',
     )
 
-    demo = commands.add_parser("demo", help="the Gradio demo: chat with images, see what the encoder sees")
-    demo.add_argument("--model", help="a saved VLM folder or hub id (default: the project's default model)")
-    demo.add_argument(
-        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"
-    )
-    demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    demo.add_argument(
-        "--siglip",
-        help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels (default: the shipped one)",
+    # The demo lives outside the library (demo/) and parses its own flags: `vlm demo --help` shows them.
+    commands.add_parser(
+        "demo", help="the Gradio demo: chat with images, see what the encoder sees", add_help=False
     )
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # the demo's own flags
     try:
         handler = {
             "embed": _embed, "viz": _viz, "ask": _ask, "chat": _chat, "eval": _eval, "merge": _merge, "zeroshot": _zeroshot,
@@ -110,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from vlm.embeddings import embed_files, save_embeddings
-    from vlm.siglip import SiglipVisionEncoder
+    from vlm.weights import load_vision_encoder
 
-    encoder = SiglipVisionEncoder.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    encoder = load_vision_encoder(args.model, dtype=DTYPES[args.dtype])
     result = embed_files(encoder, args.inputs, pooled=not args.patches, batch_size=args.batch_size)
     for file, why in result.failures:
         print(f"skipped {file}: {why}", file=sys.stderr)
@@ -131,9 +127,10 @@ def _viz(args: argparse.Namespace) -> int:
     from vlm.processing import load_image
     from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
     from vlm.viz import write_visualisations
+    from vlm.weights import load_vision_encoder
 
     image = load_image(args.image or SAMPLE_IMAGE)
-    trained = SiglipVisionEncoder.from_pretrained(args.model) if args.model else None
+    trained = load_vision_encoder(args.model) if args.model else None
     # The seed's contrast: the same architecture before training (random init) and after (the checkpoint).
     random_init = SiglipVisionEncoder(trained.config if trained else SiglipVisionConfig()).eval()
     paths = write_visualisations(random_init, args.out, image=image, prefix="random_init_")
@@ -194,10 +191,16 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"(image {pending[-1]} goes with your next message)")
             continue
         try:
+            dropped = chat.dropped
             print("vlm> ", end="", flush=True)
             for piece in chat.send(line, pending, **_settings(args)):
                 print(piece, end="", flush=True)
             print()
+            if chat.dropped > dropped:  # the context was full: the oldest exchanges left it
+                n = chat.dropped - dropped
+                print(
+                    f"(the oldest {n} exchange{'s' if n > 1 else ''} no longer fit the context and were dropped)"
+                )
             pending = []
         except ValueError as err:  # an unreadable image or an empty message: say so, keep the chat
             print(f"\n(error: {err})")
@@ -205,7 +208,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vlm.evaluate import evaluate_captions, evaluate_vqa, load_easy_vqa_rows, load_jsonl_rows
+    from vlm.data import load_easy_vqa_rows, load_jsonl_rows
+    from vlm.evaluate import evaluate_captions, evaluate_vqa
 
     if args.data == "easy-vqa":
         if args.task != "vqa":
@@ -249,10 +253,24 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vlm.app import launch  # gradio is imported only for this command
+    # An entry point (pyproject.toml, group "vlm.commands"), so that the library never imports demo/.
+    from importlib.metadata import entry_points
 
-    launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip)
-    return 0
+    found = entry_points(group="vlm.commands", name="demo")
+    if not found:
+        print(
+            "vlm demo: error: the demo is not installed: pip install -e '.[demo]' in the repository",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        demo = next(iter(found)).load()
+    except ModuleNotFoundError as err:
+        if err.name not in ("gradio", "gradio_client"):
+            raise
+        print("vlm demo: error: the demo needs gradio: pip install 'vlm[demo]'", file=sys.stderr)
+        return 2
+    return demo(args.rest)
 
 
 if __name__ == "__main__":

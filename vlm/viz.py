@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -26,11 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402  # images are loaded by `vlm.processing`; here only drawn on
 
 from vlm.siglip import SiglipVisionEncoder  # noqa: E402
-
-if TYPE_CHECKING:  # type hints only; images are loaded by `vlm.processing`
-    from PIL import Image
 
 FILTERS_PNG = "patch_filters.png"
 POSITIONS_PNG = "position_similarity.png"
@@ -195,6 +192,70 @@ def attention_map(
     encoder's forward. A map with no contrast at all comes back as zeros."""
     weights, _ = _attention_weights(encoder, pixel_values, interpolate_pos_encoding)
     return _min_max(weights)
+
+
+def patch_similarity(
+    encoder: SiglipVisionEncoder,
+    pixel_values: torch.Tensor,
+    row: int,
+    col: int,
+    interpolate_pos_encoding: bool = False,
+) -> torch.Tensor:
+    """How alike patch (row, col) of one image is to every patch after the last layer: the cosine similarity
+    of their output embeddings (`last_hidden_state`), a (H // patch, W // patch) float32 map, 1 at (row, col).
+
+    `pixel_values` as for `attention_map`. Trained towers give patches of one object similar embeddings;
+    a random one mostly the patch itself."""
+    if pixel_values.ndim == 3:
+        pixel_values = pixel_values.unsqueeze(0)
+    patch = encoder.config.patch_size
+    rows, cols = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    if pixel_values.shape[0] != 1 or not (0 <= row < rows and 0 <= col < cols):
+        raise ValueError(
+            f"patch_similarity takes one image and a patch of its {rows}x{cols} grid, got {row, col}"
+        )
+    param = next(encoder.parameters())
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            out = encoder(
+                pixel_values.to(param.device, param.dtype), interpolate_pos_encoding=interpolate_pos_encoding
+            )
+    finally:
+        encoder.train(was_training)
+    hidden = F.normalize(out.last_hidden_state[0].float(), dim=-1)  # (N, D), unit rows
+    return (hidden @ hidden[row * cols + col]).reshape(rows, cols).cpu()
+
+
+def overlay(
+    image: Image.Image, heat: torch.Tensor, alpha: float = 0.5, mark: tuple[int, int] | None = None
+) -> Image.Image:
+    """`image` blended with a (rows, cols) map such as `attention_map`'s: min-max scaled, upsampled bilinearly
+    to the image's size (patch blocks would distract from the shape) and coloured with jet, `alpha` of it over
+    the image. `mark` = (row, col) outlines that cell of the map, e.g. the query patch of `patch_similarity`."""
+    width, height = image.size
+    shown = np.asarray(image.convert("RGB"), np.float32) / 255  # (H, W, 3)
+    heat_px = F.interpolate(
+        _min_max(heat.detach().float().cpu())[None, None],
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    )
+    colours = plt.get_cmap("jet")(heat_px[0, 0].clamp(0, 1).numpy())[..., :3]  # (H, W, 3)
+    blended = Image.fromarray(np.uint8(np.rint(255 * ((1 - alpha) * shown + alpha * colours))))
+    if mark is not None:
+        (row, col), (rows, cols) = mark, heat.shape
+        box = (
+            col * width / cols,
+            row * height / rows,
+            (col + 1) * width / cols - 1,
+            (row + 1) * height / rows - 1,
+        )
+        draw = ImageDraw.Draw(blended)
+        draw.rectangle(box, outline="black", width=4)  # black under white: visible on any colour
+        draw.rectangle(box, outline="white", width=2)
+    return blended
 
 
 def _model_size(encoder: SiglipVisionEncoder, image: Image.Image, keep_aspect: bool) -> tuple[int, int]:
