@@ -22,6 +22,7 @@ MODULE_LAYER = {
     "vlm.siglip_text": "towers",
     "vlm.siglip_model": "towers",
     "vlm.losses": "towers",
+    "vlm.checks": "towers",  # plain-Python value checkers (and CheckpointError): the tower configs use them
     "vlm.weights": "weights",
     "vlm.processing": "processing",
     "vlm.conversation": "processing",

@@ -9,20 +9,63 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
+
+from vlm.checks import (
+    InvalidValue,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    shorten,
+    utf8_text,
+)
+
+if TYPE_CHECKING:
+    from vlm.model import Chat
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = REPO / "demo" / "examples" / "chelsea.jpg"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: bad input is one line, `vlm ask: error: ...`, and exit status 2 (the usage block
+    argparse would print first is left to `vlm ask --help`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(check: Callable[[Any, str], Any], parse: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """An argparse `type=` from one of the library's checkers (`vlm.checks`): the flag obeys the rule the
+    library applies, and a bad value is refused while parsing, before any model loads."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            expected = {int: "an integer", float: "a number"}.get(parse, "a value")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shorten(text)}") from None
+        try:
+            return check(value, "value")
+        except InvalidValue as err:
+            raise argparse.ArgumentTypeError(f"must be {err.rule}, got {shorten(text)}") from None
+
+    convert.__name__ = check.__name__  # argparse names the type by it in its own messages
+    return convert
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     embed = commands.add_parser("embed", help="embed image files with a SigLIP vision encoder")
     embed.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
@@ -31,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument(
         "--patches", action="store_true", help="patch embeddings (B, N, D) instead of pooled (B, D)"
     )
-    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--batch-size", type=checked(positive_int, int), default=32)
     embed.add_argument("--dtype", choices=DTYPES, default="float32")
 
     viz = commands.add_parser("viz", help="PNGs of patch filters, position similarity and attention")
@@ -42,18 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     ask = commands.add_parser("ask", help="ask one question about images; the answer streams to the terminal")
-    ask.add_argument("question")
+    ask.add_argument("question", type=checked(utf8_text))
     chat = commands.add_parser("chat", help="an interactive multi-turn chat (/image PATH, /reset, /quit)")
     for sub in (ask, chat):
         sub.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
         sub.add_argument("--model", help="a saved VLM folder (default: the project's default model)")
         sub.add_argument("--dtype", choices=DTYPES, default="float32")
         sub.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LM through bitsandbytes")
-        sub.add_argument("--max-new-tokens", type=int, default=256)
-        sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        sub.add_argument("--top-p", type=float, default=1.0)
-        sub.add_argument("--top-k", type=int, default=0)
-        sub.add_argument("--repetition-penalty", type=float, default=1.0)
+        # The rules of VisionLanguageModel.generation_kwargs, applied here before the model loads.
+        sub.add_argument("--max-new-tokens", type=checked(positive_int, int), default=256)
+        sub.add_argument(
+            "--temperature", type=checked(non_negative_float, float), default=0.0, help="0 = greedy"
+        )
+        sub.add_argument("--top-p", type=checked(probability, float), default=1.0, help="in (0, 1]")
+        sub.add_argument("--top-k", type=checked(non_negative_int, int), default=0, help="0 = off")
+        sub.add_argument("--repetition-penalty", type=checked(positive_float, float), default=1.0)
 
     evaluate = commands.add_parser("eval", help="VQA accuracy or caption BLEU-4/CIDEr by greedy generation")
     evaluate.add_argument(
@@ -62,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--task", choices=["vqa", "caption"], default="vqa")
     evaluate.add_argument("--data", default="easy-vqa", help="easy-vqa (bundled), or a JSONL of rows")
     evaluate.add_argument("--split", default="test", help="easy-vqa split")
-    evaluate.add_argument("--limit", type=int, help="a fixed random sample of this many rows")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--limit", type=checked(positive_int, int), help="a fixed random sample of this many rows"
+    )
+    evaluate.add_argument("--batch-size", type=checked(positive_int, int), default=64)
     evaluate.add_argument("--out", help="write one JSON line per prediction here")
     evaluate.add_argument("--bf16", action="store_true", help="bf16 autocast for an fp32 model")
     evaluate.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -74,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
 
     zeroshot = commands.add_parser("zeroshot", help="SigLIP zero-shot: sigmoid probability of each label")
     zeroshot.add_argument("image")
-    zeroshot.add_argument("--labels", required=True, help='comma-separated, e.g. "a cat,a dog"')
+    zeroshot.add_argument(
+        "--labels", required=True, type=checked(utf8_text), help='comma-separated, e.g. "a cat,a dog"'
+    )
     zeroshot.add_argument(
         "--model", help="a SigLIP dual encoder folder with its tokenizer (default: the shipped one)"
     )
     zeroshot.add_argument(
         "--template",
         action="append",
+        type=checked(utf8_text),
         help='prompt template with {} for the label, repeatable (embeddings averaged); default "a photo of {}."',
     )
 
@@ -89,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="the Gradio demo: chat with images, see what the encoder sees", add_help=False
     )
 
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "demo":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.command != "demo":
+            commands.choices[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as done:  # argparse printed the help, or one line about bad input
+        return done.code if isinstance(done.code, int) else 2
     args.rest = rest  # the demo's own flags
     try:
         handler = {
@@ -99,15 +153,21 @@ def main(argv: list[str] | None = None) -> int:
             "demo": _demo,
         }[args.command]  # fmt: skip
         return handler(args)
-    except (ValueError, OSError) as err:  # our loaders raise ValueError subclasses with a full message
-        print(f"vlm {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # The library's errors for bad input are ValueErrors with a full message (CheckpointError,
+        # ImageLoadError, ContextTooLong, InvalidValue, UnicodeError); OSError is the file system's word.
+        print(f"vlm {args.command}: error: {err or type(err).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, as a shell command does
+        print(file=sys.stderr)
+        return 130
 
 
 def _embed(args: argparse.Namespace) -> int:
     from vlm.embeddings import embed_files, save_embeddings
-    from vlm.weights import load_vision_encoder
+    from vlm.weights import check_output_file, load_vision_encoder
 
+    check_output_file(args.out, "--out")
     encoder = load_vision_encoder(args.model, dtype=DTYPES[args.dtype])
     result = embed_files(encoder, args.inputs, pooled=not args.patches, batch_size=args.batch_size)
     for file, why in result.failures:
@@ -127,8 +187,9 @@ def _viz(args: argparse.Namespace) -> int:
     from vlm.processing import load_image
     from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
     from vlm.viz import write_visualisations
-    from vlm.weights import load_vision_encoder
+    from vlm.weights import check_output_folder, load_vision_encoder
 
+    check_output_folder(args.out, "--out")
     image = load_image(args.image or SAMPLE_IMAGE)
     trained = load_vision_encoder(args.model) if args.model else None
     # The seed's contrast: the same architecture before training (random init) and after (the checkpoint).
@@ -162,55 +223,96 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    from vlm.processing import load_image
+
+    # An unreadable image is refused before the model loads, and each image is decoded once.
+    images = [load_image(path) for path in args.image]
+    if not args.question.strip() and not images:
+        raise ValueError("the question is empty: ask something, or give an image (--image)")
     model = _load_vlm(args)
-    for piece in model.stream(args.image, args.question, **_settings(args)):
+    # A question that does not fit the LM's context raises ContextTooLong before any generation.
+    for piece in model.stream(images, args.question, **_settings(args)):
         print(piece, end="", flush=True)
     print()
     return 0
 
 
+def _tolerate_bad_bytes() -> None:
+    """Decode stdin keeping undecodable bytes as lone surrogates (each such line is then refused with a
+    message) instead of raising UnicodeDecodeError, which would end the chat and lose the conversation. Set
+    before the first read: a text stream cannot change its decoding after it."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)  # absent on a replaced stdin (tests, embedding)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def _chat(args: argparse.Namespace) -> int:
     from vlm.model import Chat
+    from vlm.processing import load_image
 
-    model = _load_vlm(args)
-    chat, pending = Chat(model), list(args.image)
+    pending = [load_image(path) for path in args.image]
+    chat = Chat(_load_vlm(args))
     print("Chat with the model. /image PATH adds an image to your next message; /reset; /quit.")
+    _tolerate_bad_bytes()
     while True:
         try:
             line = input("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        # Bad input in a line is reported and the chat goes on, its conversation kept.
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
             chat.reset()
             continue
         if line.startswith("/image "):
-            pending.append(line.removeprefix("/image ").strip())
-            print(f"(image {pending[-1]} goes with your next message)")
+            path = line.removeprefix("/image ").strip()
+            try:
+                pending.append(load_image(path))
+                print(f"(image {path} goes with your next message)")
+            except ValueError as err:  # ImageLoadError: named now, not after the next question
+                print(f"(error: {err})")
             continue
         try:
-            dropped = chat.dropped
-            print("vlm> ", end="", flush=True)
-            for piece in chat.send(line, pending, **_settings(args)):
-                print(piece, end="", flush=True)
-            print()
-            if chat.dropped > dropped:  # the context was full: the oldest exchanges left it
-                n = chat.dropped - dropped
-                print(
-                    f"(the oldest {n} exchange{'s' if n > 1 else ''} no longer fit the context and were dropped)"
-                )
-            pending = []
-        except ValueError as err:  # an unreadable image or an empty message: say so, keep the chat
-            print(f"\n(error: {err})")
-            pending = []
+            utf8_text(line, "your message")  # a file name may hold any bytes; a message goes to the tokenizer
+        except ValueError as err:
+            print(f"(error: {err})")
+            continue
+        if not line and not pending:
+            continue
+        _answer(chat, line, pending, _settings(args))
+        pending = []
+
+
+def _answer(chat: Chat, line: str, images: list[Any], settings: dict[str, Any]) -> None:
+    """Stream one chat answer; an error or Ctrl-C ends this answer only, never the chat."""
+    dropped = chat.dropped
+    print("vlm> ", end="", flush=True)
+    pieces = chat.send(line, images, **settings)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+    except ValueError as err:  # the message does not fit the context, or an image fails late
+        print(f"\n(error: {err})")
+        return
+    except KeyboardInterrupt:
+        pieces.close()  # stops the generation; the unfinished exchange is not kept
+        print("\n(stopped)")
+        return
+    if chat.dropped > dropped:  # the context was full: the oldest exchanges left it
+        n = chat.dropped - dropped
+        print(f"(the oldest {n} exchange{'s' if n > 1 else ''} no longer fit the context and were dropped)")
 
 
 def _eval(args: argparse.Namespace) -> int:
     from vlm.data import load_easy_vqa_rows, load_jsonl_rows
     from vlm.evaluate import evaluate_captions, evaluate_vqa
+    from vlm.weights import check_output_file
 
+    if args.out is not None:
+        check_output_file(args.out, "--out")
     if args.data == "easy-vqa":
         if args.task != "vqa":
             print("vlm eval: error: easy-vqa is a VQA set; use --task vqa", file=sys.stderr)
@@ -229,7 +331,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from vlm.lora import lora_modules, save_merged
     from vlm.model import VisionLanguageModel
+    from vlm.weights import check_output_folder
 
+    # Before the model loads: merged files written into (or around) the model folder would sit beside its
+    # adapter/, which loading would then apply a second time.
+    check_output_folder(args.out, "the merged model's folder", empty=True, apart_from=args.model)
     model = VisionLanguageModel.from_pretrained(args.model)
     if not lora_modules(model):
         print(f"vlm merge: error: {args.model} has no adapter/ to merge", file=sys.stderr)

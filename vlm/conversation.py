@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vlm.checks import utf8_text
 from vlm.processing import ImageSource
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and so every HF LM) skips
@@ -49,7 +50,7 @@ def flatten(messages: Sequence[Message], placeholder: str) -> tuple[list[dict[st
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message {i}: role must be system, user or assistant, got {role!r}")
         if isinstance(content, str):
-            flat.append({"role": role, "content": content})
+            flat.append({"role": role, "content": utf8_text(content, f"message {i}")})
             continue
         if not isinstance(content, list):
             raise ValueError(
@@ -59,7 +60,7 @@ def flatten(messages: Sequence[Message], placeholder: str) -> tuple[list[dict[st
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                pieces.append(str(part.get("text", "")))
+                pieces.append(utf8_text(str(part.get("text", "")), f"message {i} text"))
             elif kind == "image":
                 if part.get("image") is None:
                     raise ValueError(f"message {i}: an image part needs its image under the key 'image'")

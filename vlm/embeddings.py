@@ -20,8 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vlm.checks import positive_int
 from vlm.processing import ImageLoadError, ImageSource, SiglipImageProcessor, iter_image_files, load_image
 from vlm.siglip import SiglipVisionEncoder
+from vlm.weights import atomic_file
 
 
 def embed_images(
@@ -35,6 +37,7 @@ def embed_images(
 
     Images are decoded and preprocessed a batch at a time, so a long list never sits in memory as pixels;
     an unreadable image raises `ImageLoadError` naming it (`embed_files` skips such files instead)."""
+    positive_int(batch_size, "batch_size")
     if isinstance(images, torch.Tensor):
         return encoder.embed(images, pooled=pooled, batch_size=batch_size)
     processor = SiglipImageProcessor(encoder.config.image_size)
@@ -72,6 +75,7 @@ def embed_files(
 
     Unreadable files are skipped and reported in `.failures`, never fatal. Images are decoded one batch at
     a time, so a large folder needs memory for one batch only."""
+    positive_int(batch_size, "batch_size")
     files = iter_image_files(paths)
     processor = SiglipImageProcessor(encoder.config.image_size)
     vectors: list[torch.Tensor] = []
@@ -94,15 +98,16 @@ def embed_files(
 
 def save_embeddings(result: Embeddings, path: str | Path, model: str = "") -> Path:
     """Write `result` to one safetensors file: the tensor `embeddings`, and the file names, `model` and the
-    kind (pooled or patches) in its metadata. Returns the path."""
+    kind (pooled or patches) in its metadata. Returns the path. The file appears whole or not at all (written
+    under a temporary name, then renamed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "files": json.dumps(result.files),
         "model": model,
         "kind": "pooled" if result.vectors.ndim == 2 else "patches",
     }
-    save_file({"embeddings": result.vectors.contiguous()}, path, metadata=metadata)
+    with atomic_file(path) as tmp:
+        save_file({"embeddings": result.vectors.contiguous()}, tmp, metadata=metadata)
     return path
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from vlm.metrics import GroupScore, breakdown, caption_scores, exact_match, mean, vqa_accuracy
 from vlm.model import VisionLanguageModel
 from vlm.processing import ImageSource
+from vlm.weights import atomic_file, check_output_file
 
 DEFAULT_CAPTION_PROMPT = "Describe the image in one sentence."
 VQA_TYPE_KEYS = ("question_type", "answer_type")
@@ -83,7 +84,10 @@ def evaluate_vqa(
     The score of a row is `vlm.metrics.vqa_accuracy` (exact match for one answer, the VQAv2 soft score for
     many); `metrics["accuracy"]` is their mean. Each prediction record holds the question, answers,
     prediction, its score, `correct` (the normalised prediction equals one of the normalised answers) and
-    the row's types; with `predictions_path` they are written there as JSON lines."""
+    the row's types; with `predictions_path` they are written there as JSON lines (a path that cannot be
+    written is refused before any generation)."""
+    if predictions_path is not None:
+        check_output_file(predictions_path, "the predictions file")
     start = time.perf_counter()
     rows = _check_rows(rows, ("image", "question", "answers"), "answers", type_keys)
     predictions = model.generate_answers(
@@ -129,7 +133,10 @@ def evaluate_captions(
 ) -> EvalResult:
     """BLEU-4 and CIDEr-D of greedy captions: rows of {"image", "captions": [str, ...]}, each captioned
     with `prompt` as the user turn. Both are corpus scores (see `vlm.metrics.caption_scores`); the
-    per-type breakdown (by the row keys in `type_keys`) averages per-image CIDEr-D."""
+    per-type breakdown (by the row keys in `type_keys`) averages per-image CIDEr-D. `predictions_path` as in
+    `evaluate_vqa`."""
+    if predictions_path is not None:
+        check_output_file(predictions_path, "the predictions file")
     start = time.perf_counter()
     rows = _check_rows(rows, ("image", "captions"), "captions", type_keys)
     predictions = model.generate_answers(
@@ -213,10 +220,10 @@ def _finish(
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
-    """One JSON object a line (UTF-8, non-ASCII kept readable); parent folders are created."""
+    """One JSON object a line (UTF-8, non-ASCII kept readable); parent folders are created. The file appears
+    whole or not at all (written under a temporary name, then renamed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path

@@ -23,8 +23,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlm.checks import config_from_dict, json_object
 from vlm.lm import quiet_bitsandbytes_import
-from vlm.weights import CheckpointError
+from vlm.weights import CheckpointError, atomic_folder, check_output_folder, read_json
 
 with quiet_bitsandbytes_import():  # peft imports bitsandbytes, which may warn about a kernel we never want
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
@@ -88,7 +89,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
         raise CheckpointError(
             f"{directory} is not a LoRA adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
         )
-    settings = LoraSettings(**json.loads((directory / ADAPTER_CONFIG).read_text())["vlm_lora"])
+    config = read_json(directory / ADAPTER_CONFIG, f"{directory} has no {ADAPTER_CONFIG}")
+    where = f"{directory / ADAPTER_CONFIG}: vlm_lora"
+    settings = config_from_dict(
+        LoraSettings, json_object(config.get("vlm_lora"), where), where, ignore_unknown=False
+    )
     add_lora(model, settings)
     state = load_file(directory / ADAPTER_WEIGHTS)
     result = set_peft_model_state_dict(model, state)
@@ -115,20 +120,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def save_merged(model: nn.Module, directory: str | Path) -> Path:
     """A standalone model folder with LoRA folded in: the VLM files plus the merged LM (and tokenizer) in
-    `lm/`, named by a relative `lm_source`, so the folder loads anywhere without the original LM."""
-    directory = Path(directory)
+    `lm/`, named by a relative `lm_source`, so the folder loads anywhere without the original LM.
+
+    `directory` must be new (or an empty folder): merged files written over a model folder would sit beside
+    its `adapter/`, which loading would then apply a second time. The folder is filled under a temporary name
+    and renamed when complete, so a failed merge leaves nothing behind."""
+    directory = check_output_folder(directory, "the merged model's folder", empty=True)
     merge_lora(model)
-    lm_dir = directory / "lm"
-    model.lm.save_pretrained(lm_dir)
-    model.tokenizer.save_pretrained(lm_dir)
-    # The saved LM already holds the image token's row, so the VLM files carry no added rows of their own.
-    source, vocab = model.config.lm_source, model.lm_vocab_size
-    model.config = replace(model.config, lm_source="lm")
-    model.lm_vocab_size = model.lm.get_input_embeddings().num_embeddings
-    try:
-        model.save_pretrained(directory)
-    finally:
-        model.config, model.lm_vocab_size = replace(model.config, lm_source=source), vocab
+    with atomic_folder(directory) as tmp:
+        lm_dir = tmp / "lm"
+        model.lm.save_pretrained(lm_dir)
+        model.tokenizer.save_pretrained(lm_dir)
+        # The saved LM already holds the image token's row, so the VLM files carry no added rows of their own.
+        source, vocab = model.config.lm_source, model.lm_vocab_size
+        model.config = replace(model.config, lm_source="lm")
+        model.lm_vocab_size = model.lm.get_input_embeddings().num_embeddings
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.config, model.lm_vocab_size = replace(model.config, lm_source=source), vocab
     return directory
 
 

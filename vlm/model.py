@@ -32,6 +32,15 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, TextIteratorStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vlm.checks import (
+    config_from_dict,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from vlm.conversation import IGNORE_INDEX, Message, encode, pad, user
 from vlm.generation import ImageEmbeddingCache, StopWhenSet, image_key, progress_bar, shared_prefix_length
 from vlm.lm import DEFAULT_LM, Quantization, load_lm
@@ -95,22 +104,25 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        """From the dict `to_dict` wrote (a model folder's config.json). Anything else, or a value of the wrong
+        type, is a `CheckpointError` naming the key."""
+        d = json_object(d, "config.json")
         if d.get("format") != FORMAT:
             raise CheckpointError(
                 f"not a vlm model folder: config.json has format {d.get('format')!r}, not {FORMAT!r}"
             )
         if unknown := sorted(set(d) - CONFIG_KEYS):
             raise CheckpointError(f"config.json has unknown keys: {', '.join(unknown)}")
-        return cls(
-            vision=SiglipVisionConfig.from_dict(d["vision"]),
-            projector=ProjectorConfig.from_dict(d["projector"]),
-            lm_source=d.get("lm_source", DEFAULT_LM),
-            image_token=d.get("image_token", "<image>"),
-            vision_feature_layer=int(d.get("vision_feature_layer", -1)),
-            system_prompt=d.get("system_prompt"),
-            freeze=tuple(d.get("freeze", ())),
-            adapter_on_text=bool(d.get("adapter_on_text", True)),
-        )
+        if missing := [key for key in ("vision", "projector") if key not in d]:
+            raise CheckpointError(f"config.json lacks {', '.join(missing)}")
+        # The nested configs are built first, then the flat fields are checked against their types (a missing
+        # `freeze` means nothing frozen, as it always has).
+        flat = {key: value for key, value in d.items() if key not in ("format", "vision", "projector")}
+        parts = {
+            "vision": SiglipVisionConfig.from_dict(d["vision"], where="vision"),
+            "projector": ProjectorConfig.from_dict(d["projector"], where="projector"),
+        }
+        return config_from_dict(cls, {"freeze": [], **flat} | parts)
 
 
 @dataclass
@@ -309,9 +321,13 @@ class VisionLanguageModel(nn.Module):
         repetition_penalty: float = 1.0,
         use_cache: bool = True,
     ) -> dict[str, Any]:
-        """Arguments for the LM's `generate`: greedy when temperature is 0, else sampling."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        """Arguments for the LM's `generate`: greedy when temperature is 0, else sampling. Each setting is
+        checked (`vlm.checks`: the CLI's flags use the same rules) and a bad one raises `InvalidValue`."""
+        max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
+        temperature = non_negative_float(temperature, "temperature")
+        top_p = probability(top_p, "top_p")
+        top_k = non_negative_int(top_k, "top_k")
+        repetition_penalty = positive_float(repetition_penalty, "repetition_penalty")
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
@@ -361,6 +377,7 @@ class VisionLanguageModel(nn.Module):
         input_ids travel beside inputs_embeds so the repetition penalty also sees the prompt, as it would for
         a text-only LM; the LM reads only the embeddings of the tokens not yet in `cache`."""
         kwargs = self.generation_kwargs(**settings)
+        self.check_fits(input_ids.shape[1], kwargs["max_new_tokens"])
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(stop)])
         if cache is not None:
@@ -402,8 +419,8 @@ class VisionLanguageModel(nn.Module):
                 streamer.end()
 
         # Validate in the caller's thread first, so bad input raises here rather than in the worker.
-        self.prepare([conversation], for_generation=True)
-        self.generation_kwargs(**settings)
+        length = self.prepare([conversation], for_generation=True).input_ids.shape[1]
+        self.check_fits(length, self.generation_kwargs(**settings)["max_new_tokens"])
         worker = threading.Thread(target=run, name="vlm-generate", daemon=True)
         worker.start()
         try:
@@ -445,12 +462,20 @@ class VisionLanguageModel(nn.Module):
         )
         return len(encoded.input_ids)
 
+    def check_fits(self, length: int, max_new_tokens: int) -> None:
+        """Raise `ContextTooLong` when a prompt of `length` tokens leaves less than `max_new_tokens` of the LM's
+        context for the answer: the LM would read past the positions it was trained on and answer nothing
+        useful, slowly."""
+        budget = self.context_length - max_new_tokens
+        if length > budget:
+            raise ContextTooLong(length, budget, max_new_tokens)
+
     def fit_context(self, conversation: Sequence[Message], max_new_tokens: int) -> tuple[list[Message], int]:
         """Drop the oldest exchanges (a user turn and the answer to it, images included) until the prompt and
         `max_new_tokens` fit the LM's context. Returns the messages that fit and how many user turns were
         dropped. System messages and the newest user turn are kept; when that turn alone does not fit, raises
         `ContextTooLong`."""
-        budget = self.context_length - max_new_tokens
+        budget = self.context_length - positive_int(max_new_tokens, "max_new_tokens")
         system = [m for m in conversation if m.get("role") == "system"]
         turns = [m for m in conversation if m.get("role") != "system"]
         dropped = 0
@@ -642,7 +667,11 @@ class VisionLanguageModel(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"no model folder at {directory}")
-        config = VLMConfig.from_dict(read_config(directory))
+        raw = read_config(directory)
+        try:
+            config = VLMConfig.from_dict(raw)
+        except CheckpointError as err:  # name the file: the user has to open it
+            raise CheckpointError(f"{directory / 'config.json'}: {err}") from None
         if lm_source is not None:
             config = replace(config, lm_source=lm_source)
         elif (

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlm.checks import config_from_dict, positive_int
+
 ProjectorKind = Literal["linear", "mlp", "pixel_shuffle"]
 
 
@@ -32,6 +34,8 @@ class ProjectorConfig:
     pooled_token: bool = False  # one more token, first: the tower's pooled (MAP head) embedding
 
     def __post_init__(self) -> None:
+        positive_int(self.vision_hidden_size, "vision_hidden_size")
+        positive_int(self.text_hidden_size, "text_hidden_size")
         if self.kind not in ("linear", "mlp", "pixel_shuffle"):
             raise ValueError(f"projector kind must be linear, mlp or pixel_shuffle, got {self.kind!r}")
         if self.scale_factor < 1:
@@ -47,8 +51,10 @@ class ProjectorConfig:
         return (rows // self.scale_factor) * (cols // self.scale_factor) + extra
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> ProjectorConfig:
+        """From the dict `to_dict` wrote: every key must be a field and every value of its type, else a
+        `CheckpointError` naming the key (`where` prefixes the name)."""
+        return config_from_dict(cls, d, where, ignore_unknown=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -264,6 +264,7 @@ class BatchedGenerator:
             settings=model.generation_kwargs(**settings),
             stop=stop if stop is not None else threading.Event(),
         )
+        model.check_fits(request.batch.input_ids.shape[1], request.settings["max_new_tokens"])
         self._submit(request)
         try:
             while (piece := request.pieces.get()) is not _DONE:

@@ -27,12 +27,14 @@ Deliberate deviations from the reference
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlm.checks import config_from_dict, positive_int
 
 # hidden_act -> F.gelu's `approximate`, which is also the name oneDNN gives the same GELU ("tanh" or "none").
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh", "gelu": "none"}  # SigLIP uses the tanh one
@@ -84,6 +86,13 @@ def _onednn_dtypes() -> tuple[torch.dtype, ...]:
     )
 
 
+# The config fields that count something: each must be an integer >= 1 (0 heads would divide by zero).
+_SIZES = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size",
+    "patch_size",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SiglipVisionConfig:
     """Shape of a SigLIP vision tower. Field names are Hugging Face's `SiglipVisionConfig` keys.
@@ -104,6 +113,8 @@ class SiglipVisionConfig:
     vision_use_head: bool = True
 
     def __post_init__(self) -> None:
+        for name in _SIZES:
+            positive_int(getattr(self, name), name)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -122,13 +133,14 @@ class SiglipVisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SiglipVisionConfig:
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> SiglipVisionConfig:
         """Build from a Hugging Face `config.json` dict: a `SiglipModel` (reads its `vision_config`) or a
-        `SiglipVisionModel` (top level). Keys this tower does not use (ids, dtypes, ...) are ignored."""
-        if "vision_config" in d:
-            d = d["vision_config"] or {}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        `SiglipVisionModel` (top level). Keys this tower does not use (ids, dtypes, ...) are ignored; a value of
+        the wrong type or against a rule is a `CheckpointError` naming its key (`where` prefixes the name)."""
+        if isinstance(d, dict) and "vision_config" in d:
+            where = f"{where}.vision_config" if where else "vision_config"
+            d = d["vision_config"] if d["vision_config"] is not None else {}
+        return config_from_dict(cls, d, where)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.checks import CheckpointError, json_object
 from vlm.losses import sigmoid_loss
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
 from vlm.siglip_text import SiglipTextConfig, SiglipTextEncoder
@@ -52,8 +53,15 @@ class SiglipConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SiglipConfig:
-        """Build from a `SiglipModel` `config.json` dict; missing sub-configs take the defaults, as in HF."""
-        return cls(SiglipTextConfig.from_dict(d.get("text_config") or {}), SiglipVisionConfig.from_dict(d))
+        """Build from a `SiglipModel` `config.json` dict; missing sub-configs take the defaults, as in HF. A
+        value of the wrong type or against a rule is a `CheckpointError` naming its key."""
+        d = json_object(d, "the config")
+        text = SiglipTextConfig.from_dict({"text_config": d.get("text_config")})
+        vision = SiglipVisionConfig.from_dict({"vision_config": d.get("vision_config")})
+        try:
+            return cls(text, vision)
+        except ValueError as err:  # the towers do not fit each other
+            raise CheckpointError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"text_config": self.text_config.to_dict(), "vision_config": self.vision_config.to_dict()}

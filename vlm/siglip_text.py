@@ -30,12 +30,13 @@ Deliberate deviations from the reference
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from vlm.checks import config_from_dict, positive_int
 from vlm.siglip import _ACTIVATIONS, SiglipEncoderLayer
 
 
@@ -59,6 +60,11 @@ class SiglipTextConfig:
     projection_size: int | None = None  # the head's output width; None means hidden_size, as in the reference
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for name in (*sizes, "max_position_embeddings"):
+            positive_int(getattr(self, name), name)
+        if self.projection_size is not None:
+            positive_int(self.projection_size, "projection_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -73,13 +79,14 @@ class SiglipTextConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SiglipTextConfig:
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> SiglipTextConfig:
         """Build from a Hugging Face `config.json` dict: a `SiglipModel` (reads its `text_config`) or a
-        `SiglipTextModel` (top level). Keys this tower does not use are ignored."""
-        if "text_config" in d or "vision_config" in d:
-            d = d.get("text_config") or {}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        `SiglipTextModel` (top level). Keys this tower does not use are ignored; a value of the wrong type or
+        against a rule is a `CheckpointError` naming its key (`where` prefixes the name)."""
+        if isinstance(d, dict) and ("text_config" in d or "vision_config" in d):
+            where = f"{where}.text_config" if where else "text_config"
+            d = d["text_config"] if d.get("text_config") is not None else {}
+        return config_from_dict(cls, d, where)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

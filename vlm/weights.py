@@ -11,14 +11,20 @@ in an explicit ignore list.
 
 This layer sits above the towers: it builds them from files (`load_vision_encoder`, `load_siglip_model`) and
 writes them back (`save_vision_encoder`, `save_siglip_model`), while the towers know nothing of files.
+
+Everything `vlm` writes goes through here: output paths are checked before the work that produces them
+(`check_output_file`, `check_output_folder`), and files and folders are written under a temporary name and
+renamed into place (`atomic_file`, `atomic_folder`), so a failure never leaves a half-written result.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+# CheckpointError lives in vlm.checks, below the towers, whose config from_dicts raise it too.
+from vlm.checks import CheckpointError, json_object
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
 from vlm.siglip_model import SiglipConfig, SiglipModel
 
@@ -42,10 +50,6 @@ NOT_VISION = ("text_model.", "logit_scale", "logit_bias")
 # Non-persistent buffers that older transformers versions wrote into some `SiglipModel` checkpoints; skipped on
 # purpose (our position ids are implicit).
 SIGLIP_IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked: missing, pickle-only, wrong keys or shapes."""
 
 
 def resolve_checkpoint(name_or_path: str | Path, allow_patterns: Iterable[str] | None = None) -> Path:
@@ -74,21 +78,30 @@ def resolve_checkpoint(name_or_path: str | Path, allow_patterns: Iterable[str] |
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The folder's `config.json` as a dict; a missing or malformed file is a `CheckpointError`."""
-    file = folder / "config.json"
+    """The folder's `config.json` as a dict; a missing file, or one that is not a JSON object, is a
+    `CheckpointError` naming the file."""
+    return read_json(folder / "config.json", f"{folder} has no config.json")
+
+
+def read_json(file: Path, missing: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; `missing` is the error's text when there is no such file."""
     if not file.is_file():
-        raise CheckpointError(f"{folder} has no config.json")
+        raise CheckpointError(missing)
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+        return json_object(json.loads(file.read_text(encoding="utf-8")), str(file))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
 
 
 def safetensors_files(folder: Path) -> dict[str, Path] | list[Path]:
     """The weight files of a checkpoint: the index's key -> shard map when sharded, else one file."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index, "").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard and Path(shard).name == shard for shard in weight_map.values()
+        ):  # a shard name with a folder in it could point outside the checkpoint
+            raise CheckpointError(f"{index}: weight_map must map each key to a shard file name in {folder}")
         return {key: folder / shard for key, shard in weight_map.items()}
     if (folder / SAFETENSORS).is_file():
         return [folder / SAFETENSORS]
@@ -264,23 +277,98 @@ def save_siglip_model(model: SiglipModel, directory: str | Path) -> Path:
 def save_checkpoint(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Write config.json + model.safetensors, each to a temporary name first and then renamed into place, so
     an interrupted save never leaves a half-written file under the real name."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        (SAFETENSORS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
-        (
-            "config.json",
-            lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
-        ),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model should read like any file
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_file(directory / SAFETENSORS) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    with atomic_file(directory / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def check_output_file(path: str | Path, what: str = "the output file") -> Path:
+    """Refuse, before any work, a file path that cannot be written: an existing folder, or a parent that is a
+    file or not writable. Nothing is created. Returns the path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give the path of a file")
+    _check_creatable(path.parent, what, path)
+    return path
+
+
+def check_output_folder(
+    path: str | Path,
+    what: str = "the output folder",
+    empty: bool = False,
+    apart_from: str | Path | None = None,
+) -> Path:
+    """Refuse, before any work, a folder that cannot be written: an existing file, a non-empty folder when
+    `empty` (its files would mix with the new ones), a parent that is a file or not writable, or (with
+    `apart_from`, the folder the work reads) that folder itself, one inside it or one holding it. Nothing is
+    created. Returns the path."""
+    path = Path(path).expanduser()
+    if apart_from is not None:
+        source, target = Path(apart_from).expanduser().resolve(), path.resolve()
+        if target == source:
+            raise ValueError(
+                f"{what} {path} is the input folder itself; give a new folder (in place is refused)"
+            )
+        if source in target.parents:
+            raise ValueError(f"{what} {path} is inside the input folder {apart_from}; give one outside it")
+        if target in source.parents:
+            raise ValueError(f"{what} {path} holds the input folder {apart_from}; give a new folder")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    if path.is_dir():
+        if empty and any(path.iterdir()):
+            raise ValueError(f"{what} {path} already exists and is not empty; choose a new folder")
+        _check_creatable(path, what, path)
+    else:
+        _check_creatable(path.parent, what, path)
+    return path
+
+
+def _check_creatable(folder: Path, what: str, path: Path) -> None:
+    """`folder` exists and is writable, or can be made: its nearest existing ancestor is a writable folder."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {what} {path}: {existing} is not writable")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; on success it is renamed to `path` (readable like any
+    new file), on failure removed, so `path` is never half-written. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file should read like any other
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` to fill; on success it becomes `path` (which must not exist, or
+    be an empty folder), on failure it is removed with everything in it."""
+    path = Path(path)
+    check_output_folder(path, empty=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if path.is_dir():
+            path.rmdir()  # empty (checked above); a file put there meanwhile makes this fail, not vanish
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:
