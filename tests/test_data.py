@@ -25,6 +25,8 @@ from vlm.data import (
     mix,
     skip_report,
     split,
+    to_conversation,
+    undecoded,
 )
 
 datasets.disable_progress_bars()
@@ -319,6 +321,32 @@ def test_jsonl_vqa_training_rows_skip_bad_ones(tmp_path: Path, caplog: pytest.Lo
         "vqa.jsonl: skipped 4 of 7 rows: 1 empty question, 1 malformed line, 1 missing image, 1 no answer"
     )
     assert skip_report(rows).summary() == summary and summary in caplog.text
+
+
+def test_jsonl_vqa_refuses_an_image_that_is_no_path_and_leaves_decoding_to_training(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
+    (tmp_path / "empty.png").write_bytes(b"")  # found unreadable only when a batch loads it
+    lines = [
+        {"image": "a.png", "question": "q", "answers": ["a"]},
+        {"image": "empty.png", "question": "q", "answers": ["b"]},
+    ]
+    lines += [
+        {"image": bad, "question": "q", "answers": ["a"]}
+        for bad in (123, ["a.png"], {"path": "a.png"}, "  ", True)
+    ]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    rows = from_jsonl_vqa(tmp_path / "vqa.jsonl")
+    assert skip_report(rows).summary() == "vqa.jsonl: skipped 5 of 7 rows: 5 image not a path"
+    assert any("123" in e for e in skip_report(rows).examples["image not a path"])
+    lazy = undecoded(rows)
+    cells = lazy["image"]
+    assert cells[1] == {"bytes": None, "path": str(tmp_path / "empty.png")}  # nothing was decoded
+    assert to_conversation(lazy[1])[0]["content"][0]["image"] == str(tmp_path / "empty.png")
+    assert (
+        to_conversation({"image": {"bytes": b"png", "path": "x.png"}, "text": "t"})[0]["content"][0]["image"]
+        == b"png"
+    )
+    assert undecoded(lazy) is lazy and rows[0]["image"].size == (24, 16)  # the reader's own rows still decode
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,13 @@
 One flat loop: setup -> fit -> evaluate. accelerate does devices and processes; peft does LoRA; datasets
 holds the data. Re-running the same command (or --resume) continues from the newest complete checkpoint
 in the run folder: model, optimizer, RNG and data position are restored, so a run killed with SIGKILL ends
-where an uninterrupted one would.
+where an uninterrupted one would. Without a CONFIG the defaults below apply (`--key=value` overrides either).
+
+Careless input stops a run before anything loads, or never: every config value is checked against its rule
+when the config is read (`vlm.config`; exit 2 with one line naming the key), and so are the data files it
+names. A data row that cannot be used (its image unreadable, a 0-byte file, a decompression bomb, or longer
+than `data.max_length`) is dropped from its micro-batch when that is built, remembered so it is not tried
+again, and counted: the run's log ends with how many rows were skipped and why.
 
 Loss scaling: each micro-batch contributes the SUM of its learned tokens' cross-entropies divided by the
 number of learned tokens in the whole optimizer step across all processes (counted before the forward
@@ -33,13 +39,42 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from vlm.config import to_dict  # noqa: E402
+from vlm.config import (  # noqa: E402
+    AT_LEAST_ONE,
+    NON_EMPTY,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    PROBABILITY,
+    REGEX,
+    REQUIRED,
+    SEED,
+    Checked,
+    ConfigError,
+    checked,
+    constructs,
+    every,
+    require_folder,
+    require_path,
+    to_dict,
+)
 from vlm.conversation import Message  # noqa: E402
-from vlm.data import from_jsonl_vqa, load_easy_vqa_rows, to_conversation  # noqa: E402
+from vlm.data import (  # noqa: E402
+    SOURCES,
+    from_jsonl,
+    from_jsonl_vqa,
+    load_easy_vqa_rows,
+    load_jsonl_rows,
+    skip_report,
+    to_conversation,
+    undecoded,
+)
+from vlm.data.common import NOT_A_PATH, UNREADABLE_IMAGE, SkipReport  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
 from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
-from vlm.projector import ProjectorConfig  # noqa: E402
+from vlm.processing import ImageLoadError  # noqa: E402
+from vlm.projector import ProjectorConfig, check_divisible  # noqa: E402
 from vlm.siglip import SiglipVisionConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
@@ -68,70 +103,115 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelSection(Checked):
     init: str | None = None  # a saved VLM folder to continue from; else one is built from the fields below
     vision: str | None = None  # a SigLIP checkpoint (hub id or folder) for the tower; else a fresh tower
-    image_size: int = 64  # fresh tower only
-    patch_size: int = 8
-    hidden_size: int = 192
-    intermediate_size: int = 768
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 3
+    image_size: int = checked(64, AT_LEAST_ONE)  # fresh tower only
+    patch_size: int = checked(8, AT_LEAST_ONE)
+    hidden_size: int = checked(192, AT_LEAST_ONE)
+    intermediate_size: int = checked(768, AT_LEAST_ONE)
+    num_hidden_layers: int = checked(6, AT_LEAST_ONE)
+    num_attention_heads: int = checked(3, AT_LEAST_ONE)
     projector: Literal["linear", "mlp", "pixel_shuffle"] = "pixel_shuffle"
-    scale_factor: int = 2
+    scale_factor: int = checked(2, AT_LEAST_ONE)
     # Also the tower's pooled embedding, as one more image token (vlm/projector.py).
     pooled_token: bool = False
-    lm: str = DEFAULT_LM
+    lm: str = checked(DEFAULT_LM, NON_EMPTY)
     quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the frozen LM in 4-bit
-    vision_feature_layer: int = -1
+    vision_feature_layer: int = -1  # -1: the tower's output; else an index into its hidden states
     system_prompt: str | None = None
     adapter_on_text: bool = True  # False: text-only chat bypasses LoRA (VLMConfig.adapter_on_text)
     train_vision: Literal["frozen", "full", "lora"] = "frozen"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init is None and self.vision is None:
+            check_fresh_tower(self)
+
+
+def check_fresh_tower(m: ModelSection) -> None:
+    """The shape rules of a fresh tower and its projector, checked where the config is built (the LM would
+    otherwise load first): the tower's own (`SiglipVisionConfig`), the pixel-shuffle grid, the layer index."""
+    constructs(
+        SiglipVisionConfig, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        image_size=m.image_size, patch_size=m.patch_size,
+    )  # fmt: skip
+    if m.projector == "pixel_shuffle":
+        grid = (m.image_size // m.patch_size,) * 2
+        constructs(check_divisible, "scale_factor", grid=grid, factor=m.scale_factor)
+    layers = m.num_hidden_layers
+    # the tower's hidden states are its embeddings, then one per layer
+    if not -(layers + 1) <= m.vision_feature_layer <= layers:
+        raise ConfigError(
+            f"vision_feature_layer = {m.vision_feature_layer}: must be in [{-(layers + 1)}, {layers}] for a "
+            f"tower of {layers} layers"
+        )
+
 
 @dataclass(frozen=True)
-class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target: str = LM_ALL_LINEAR  # regex over full module names; with train_vision=lora the tower's q/v join
+class LoraSection(Checked):
+    r: int = checked(16, AT_LEAST_ONE)
+    alpha: int = checked(32, AT_LEAST_ONE)
+    dropout: float = checked(0.05, PROBABILITY)
+    # regex over full module names; with train_vision=lora the tower's q/v join
+    target: str = checked(LM_ALL_LINEAR, REGEX)
 
 
 @dataclass(frozen=True)
-class Source:
+class Source(Checked):
     kind: Literal["vqa", "caption"]
-    name: str  # "easy-vqa", a JSONL file, or (captions) a vlm.data.sources builder: emoji, flags, ...
-    split: str = "train"
-    limit: int | None = None
-    weight: float = 1.0  # how many times each row is seen per epoch (fractions subsample)
+    # "easy-vqa", a JSONL file, or (captions) a vlm.data.sources builder: emoji, flags, ...
+    name: str = checked(REQUIRED, NON_EMPTY)
+    split: str = checked("train", NON_EMPTY)
+    limit: int | None = checked(None, AT_LEAST_ONE)  # None: all rows
+    weight: float = checked(1.0, POSITIVE)  # how many times each row is seen per epoch (fractions subsample)
+
+    @property
+    def is_file(self) -> bool:
+        """Whether `name` is a JSONL file (not easy-VQA or a packaged caption source)."""
+        return self.name not in (EASY_VQA, "easy_vqa") if self.kind == "vqa" else self.name not in SOURCES
+
+
+EASY_VQA = "easy-vqa"
 
 
 @dataclass(frozen=True)
-class DataSection:
-    train: tuple[Source, ...] = (Source(kind="vqa", name="easy-vqa"),)
-    eval: Source | None = Source(kind="vqa", name="easy-vqa", split="test", limit=500)
-    max_length: int = 512  # longer conversations are skipped and counted
+class DataSection(Checked):
+    train: tuple[Source, ...] = (Source(kind="vqa", name=EASY_VQA),)
+    eval: Source | None = Source(kind="vqa", name=EASY_VQA, split="test", limit=500)
+    max_length: int = checked(512, AT_LEAST_ONE)  # longer conversations are skipped and counted
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.train:
+            raise ConfigError("train = []: must name at least one source")
+        if self.eval is not None and self.eval.kind != "vqa":
+            raise ConfigError(
+                "eval.kind = 'caption': evaluation during fine-tuning is VQA accuracy; "
+                "use `vlm eval --task caption` for captions"
+            )
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    out_dir: str = "runs/finetune"
-    steps: int = 1000
-    batch_size: int = 16  # per process and micro-step
-    grad_accum: int = 1
-    lr: float = 2e-4  # LoRA
-    lr_projector: float = 1e-3
-    lr_vision: float = 2e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
+class TrainSection(Checked):
+    out_dir: str = checked("runs/finetune", NON_EMPTY)
+    steps: int = checked(1000, AT_LEAST_ONE)
+    batch_size: int = checked(16, AT_LEAST_ONE)  # per process and micro-step
+    grad_accum: int = checked(1, AT_LEAST_ONE)
+    lr: float = checked(2e-4, POSITIVE)  # LoRA
+    lr_projector: float = checked(1e-3, POSITIVE)
+    lr_vision: float = checked(2e-4, POSITIVE)
+    warmup_steps: int = checked(50, NON_NEGATIVE_INT)
+    weight_decay: float = checked(0.0, NON_NEGATIVE)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     bf16: bool = True  # autocast where the device supports bf16 (CPU with AVX-512/AMX, Ampere+ GPUs)
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    eval_every: int = 0  # 0: only at the end
-    eval_batch_size: int = 64
-    log_every: int = 10
-    seed: int = 0
+    checkpoint_every: int = checked(100, AT_LEAST_ONE)  # and at the last step
+    eval_every: int = checked(0, every("only at the end"))
+    eval_batch_size: int = checked(64, AT_LEAST_ONE)
+    log_every: int = checked(10, AT_LEAST_ONE)  # and at the last step
+    seed: int = checked(0, SEED)
     tensorboard: bool = False
 
 
@@ -141,6 +221,21 @@ class FinetuneConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+
+def check_files(cfg: FinetuneConfig) -> None:
+    """The data files `cfg` names exist (`ConfigError` naming the key otherwise): checked before anything
+    loads, as is the run folder. Model folders and hub ids are checked by their loaders, which fail before
+    loading anything."""
+    require_folder("train.out_dir", cfg.train.out_dir)
+    for i, source in enumerate(cfg.data.train):
+        if source.is_file:
+            require_path(f"data.train[{i}].name", source.name)
+    if cfg.data.eval is not None and cfg.data.eval.is_file:
+        require_path("data.eval.name", cfg.data.eval.name)
+    lm = cfg.model.lm
+    if cfg.model.init is None and lm.endswith(".gguf") and not lm.startswith("package:"):
+        require_path("model.lm", lm)
 
 
 # -- setup -------------------------------------------------------------------------------------------------
@@ -204,14 +299,12 @@ def make_trainable(model: VisionLanguageModel, settings: LoraSettings, gradient_
 def load_source(source: Source) -> datasets.Dataset | list[dict]:
     """One training source: VQA rows (question, answers, image) or caption pairs (image, text)."""
     if source.kind == "vqa":
-        if source.name in ("easy-vqa", "easy_vqa"):
-            return load_easy_vqa_rows(source.split, limit=source.limit)
-        return from_jsonl_vqa(source.name)
-    from vlm.data import SOURCES, from_jsonl
-
-    if source.name in SOURCES:
-        return SOURCES[source.name](split=source.split, limit=source.limit)
-    return from_jsonl(source.name)
+        if source.is_file:
+            return from_jsonl_vqa(source.name)
+        return load_easy_vqa_rows(source.split, limit=source.limit)
+    if source.is_file:
+        return from_jsonl(source.name)
+    return SOURCES[source.name](split=source.split, limit=source.limit)
 
 
 def param_groups(model: VisionLanguageModel, t: TrainSection) -> list[dict]:
@@ -245,24 +338,79 @@ def log_trainable(model: VisionLanguageModel, log: Callable[[str], None]) -> Non
         log(f"  trainable {key:<18} {n:>11,}")
 
 
-def prepare_skipping(
-    model: VisionLanguageModel, conversations: list[list[Message]], max_length: int, skipped: Counter[str]
-) -> Batch:
-    """`model.prepare`, dropping (and counting) conversations that cannot be used: an unreadable image, an
-    empty turn, or more than `max_length` tokens. A bad row never stops a run."""
+# Why a row cannot be used: an unreadable image (`ImageLoadError`, a ValueError), more than `max_length`
+# tokens or an empty turn (ValueError), an image field that is no path, bytes or image (TypeError).
+UNUSABLE = (ValueError, TypeError)
+
+
+def why_unusable(err: Exception) -> str:
+    """A skip reason that groups alike rows ("unreadable image"), for the skip report."""
+    if isinstance(err, ImageLoadError):
+        return UNREADABLE_IMAGE
+    if isinstance(err, TypeError):
+        return NOT_A_PATH
+    if "tokens, over the limit" in str(err):  # vlm.conversation.encode with max_length
+        return "longer than data.max_length"
+    return "unusable conversation"
+
+
+def row_conversation(run: Run, key: tuple[int, int]) -> list[Message] | None:
+    """Row `key` = (source, row) as a conversation, or None after recording in `run.bad` why it cannot be
+    used (`model.prepare` is tried on it alone: its image loaded, its tokens counted)."""
+    source, row = key
     try:
-        return model.prepare(conversations, max_length=max_length)
-    except ValueError:
-        good = []
-        for conversation in conversations:
-            try:
-                model.prepare([conversation], max_length=max_length)
-                good.append(conversation)
-            except ValueError as err:
-                skipped[str(err).split(":")[-1].strip()[:60]] += 1
-        if not good:
-            raise ValueError("a whole micro-batch was unusable; check the data") from None
-        return model.prepare(good, max_length=max_length)
+        conversation = to_conversation(run.sources[source][row])
+        run.core.prepare([conversation], max_length=run.cfg.data.max_length)
+    except UNUSABLE as err:
+        run.bad[key] = (why_unusable(err), f"data.train[{source}] row {row}: {' '.join(str(err).split())}")
+        return None
+    return conversation
+
+
+def prepare_rows(run: Run, rows: list[tuple[int, int]]) -> Batch:
+    """`model.prepare` of these (source, row) pairs' conversations. A row that cannot be used is dropped and
+    remembered in `run.bad` (never tried again), so a bad row never stops a run; a micro-batch left with no
+    usable row takes the next usable one after its first in the data (the same on every run and process)."""
+    max_length = run.cfg.data.max_length
+    fresh = [key for key in rows if key not in run.bad]
+    if fresh:
+        try:  # the usual case: every row is fine
+            return run.core.prepare(
+                [to_conversation(run.sources[s][r]) for s, r in fresh], max_length=max_length
+            )
+        except UNUSABLE:
+            pass
+    good = [c for key in fresh if (c := row_conversation(run, key)) is not None]
+    if not good:
+        good = [next_usable(run, rows[0])]
+    return run.core.prepare(good, max_length=max_length)
+
+
+def next_usable(run: Run, key: tuple[int, int]) -> list[Message]:
+    """The first usable row after `key` in source order (wrapping around), for a micro-batch of bad rows:
+    DDP needs every process to take part in every step, so an empty micro-batch is no option."""
+    sizes = [len(data) for data in run.sources]
+    flat = [(s, r) for s, size in enumerate(sizes) for r in range(size)]
+    start = flat.index(key)
+    for candidate in flat[start + 1 :] + flat[: start + 1]:
+        if candidate not in run.bad and (conversation := row_conversation(run, candidate)) is not None:
+            return conversation
+    raise ValueError(f"no training row is usable: {bad_rows_report(run).summary()}")
+
+
+def bad_rows_report(run: Run, everywhere: bool = False) -> SkipReport:
+    """The rows found unusable while training, counted by reason, as a `SkipReport`: this process's, or with
+    `everywhere` (a collective call: every process must make it) those of all processes."""
+    bad = dict(run.bad)
+    if everywhere and run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for other in gather_object([run.bad]):
+            bad |= other
+    report = SkipReport("training rows", total=sum(len(data) for data in run.sources) - len(bad))
+    for key in sorted(bad):
+        report.add(*bad[key])
+    return report
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -270,15 +418,9 @@ def prepare_skipping(
 
 def load_eval_rows(source: Source) -> list[dict]:
     """Evaluation rows keep image paths (not decoded images) so the evaluator can encode each image once."""
-    from vlm.data import load_jsonl_rows
-
-    if source.kind != "vqa":
-        raise ValueError(
-            "evaluation during fine-tuning is VQA accuracy; use `vlm eval --task caption` for captions"
-        )
-    if source.name in ("easy-vqa", "easy_vqa"):
-        return load_easy_vqa_rows(source.split, limit=source.limit)
-    return load_jsonl_rows(source.name, limit=source.limit)
+    if source.is_file:
+        return load_jsonl_rows(source.name, limit=source.limit)
+    return load_easy_vqa_rows(source.split, limit=source.limit)
 
 
 def evaluate(
@@ -311,7 +453,8 @@ class Run:
     eval_rows: list[dict] | None
     writer: SummaryWriter | None  # TensorBoard, on the main process when asked for
     step: int
-    skipped: Counter[str] = field(default_factory=Counter)  # unusable rows by reason (`prepare_skipping`)
+    # rows found unusable when their batch was built: (source, row) -> (reason, detail); see `prepare_rows`
+    bad: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -342,6 +485,7 @@ def train(cfg: FinetuneConfig, resume: bool = False) -> VisionLanguageModel:
 
 def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     """Model with LoRA, optimizer and data; from the newest checkpoint when there is one."""
+    check_files(cfg)  # before anything loads
     t = cfg.train
     accelerator = make_accelerator(t.bf16, t.seed)
     log, run_dir = accelerator.print, Path(t.out_dir)
@@ -354,7 +498,12 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     step = resume_step(ckpt, optimizer, log)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
-    sources = [load_source(s) for s in cfg.data.train]
+    sources = []
+    for source in cfg.data.train:
+        data = load_source(source)
+        log_skips(log, skip_report(data) if isinstance(data, datasets.Dataset) else None)
+        # images decoded by load_image as batches are built, where a bad one is counted and skipped
+        sources.append(undecoded(data) if isinstance(data, datasets.Dataset) else data)
     stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed)
     log(stream.describe(t.batch_size * accelerator.num_processes * t.grad_accum, t.steps))
     metrics = open_run_folder(run_dir, cfg, accelerator.is_main_process)
@@ -394,23 +543,23 @@ def fit(run: Run) -> None:
         if run.eval_rows is not None and due(run.step, t.eval_every, t.steps, at_last=False):
             evaluate_mid_run(run)
     progress.close()
-    if run.skipped:
-        run.log(
-            f"skipped {sum(run.skipped.values())} bad rows: "
-            + ", ".join(f"{n} {why}" for why, n in run.skipped.items())
-        )
+    log_skips(run.log, bad_rows_report(run, everywhere=True))
+
+
+def log_skips(log: Callable[[str], None], report: SkipReport | None) -> None:
+    """A skip report's summary line and a few examples per reason, when it skipped anything."""
+    if report is None or not report.skipped:
+        return
+    log(report.summary())
+    for reason, details in report.examples.items():
+        log(f"  {reason}, e.g. " + "; ".join(details))
 
 
 def micro_batches(run: Run) -> list[Batch]:
     """This step's micro-batches for this process, each a prepared Batch; bad rows dropped and counted."""
     t, accelerator = run.cfg.train, run.accelerator
     return [
-        prepare_skipping(
-            run.core,
-            [to_conversation(run.sources[s][r]) for s, r in rows],
-            run.cfg.data.max_length,
-            run.skipped,
-        )
+        prepare_rows(run, rows)
         for rows in run.stream.step_rows(
             run.step, t.batch_size, t.grad_accum, accelerator.num_processes, accelerator.process_index
         )

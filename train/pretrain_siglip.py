@@ -6,7 +6,10 @@
 One flat loop, the shape of `train/finetune.py`: setup -> fit -> evaluate. From scratch, or from a saved
 dual encoder (`--model.init=DIR`, with its tokenizer). Re-running the same command (or --resume) continues
 from the newest complete checkpoint in the run folder: model, tokenizer, optimizer, RNG and data position
-are restored, so the continued run takes the steps an uninterrupted one would.
+are restored, so the continued run takes the steps an uninterrupted one would. Without a CONFIG the defaults
+below apply; every value is checked against its rule, and the data files named must exist, before anything
+loads (`vlm.config`: exit 2 with one line naming the key). Bad caption rows are counted and skipped when the
+data is built (`vlm.data`), and the counts are logged.
 
 Writes to `train.out_dir`: `config.yaml`, `metrics.jsonl`, `curves.png`, `checkpoints/step-*/`, and
 `final/` = the dual encoder in transformers' `SiglipModel` format plus its tokenizer (so
@@ -56,8 +59,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from vlm.config import to_dict  # noqa: E402
-from vlm.data import SOURCES, SourceUnavailable  # noqa: E402
+from vlm.config import (  # noqa: E402
+    AT_LEAST_ONE,
+    NON_EMPTY,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    REQUIRED,
+    SEED,
+    Checked,
+    ConfigError,
+    at_least,
+    checked,
+    constructs,
+    every,
+    require_folder,
+    require_path,
+    to_dict,
+)
+from vlm.data import SOURCES, SourceUnavailable, skip_report  # noqa: E402
 from vlm.losses import chunked_sigmoid_loss  # noqa: E402
 from vlm.processing import SiglipImageProcessor  # noqa: E402
 from vlm.siglip import SiglipVisionConfig  # noqa: E402
@@ -91,29 +111,38 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class VisionSection:
+class VisionSection(Checked):
     """A fresh vision tower (keys as in transformers' `SiglipVisionConfig`; it always has the MAP head)."""
 
-    image_size: int = 64  # the data is rendered at this size too
-    patch_size: int = 8
-    hidden_size: int = 192
-    intermediate_size: int = 768
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 3
+    image_size: int = checked(64, AT_LEAST_ONE)  # the data is rendered at this size too
+    patch_size: int = checked(8, AT_LEAST_ONE)
+    hidden_size: int = checked(192, AT_LEAST_ONE)
+    intermediate_size: int = checked(768, AT_LEAST_ONE)
+    num_hidden_layers: int = checked(6, AT_LEAST_ONE)
+    num_attention_heads: int = checked(3, AT_LEAST_ONE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        constructs(SiglipVisionConfig, **asdict(self))
 
 
 @dataclass(frozen=True)
-class TextSection:
+class TextSection(Checked):
     """A fresh text tower; its head projects to the vision hidden size (the embeddings are compared)."""
 
-    hidden_size: int = 192
-    intermediate_size: int = 768
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 3
-    max_position_embeddings: int = 24  # every text is padded/truncated to this many tokens
-    vocab_size: int = (
-        4096  # the BPE tokenizer's target; a small corpus may give fewer (the model takes those)
-    )
+    hidden_size: int = checked(192, AT_LEAST_ONE)
+    intermediate_size: int = checked(768, AT_LEAST_ONE)
+    num_hidden_layers: int = checked(4, AT_LEAST_ONE)
+    num_attention_heads: int = checked(3, AT_LEAST_ONE)
+    # every text is padded/truncated to this many tokens: at least one and </s>
+    max_position_embeddings: int = checked(24, at_least(2))
+    # the BPE tokenizer's target; a small corpus may give fewer, and it never has under its 256 bytes + 2
+    # special tokens (the model takes what it has)
+    vocab_size: int = checked(4096, AT_LEAST_ONE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        constructs(SiglipTextConfig, **asdict(self))
 
 
 @dataclass(frozen=True)
@@ -124,19 +153,27 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class Source:
+class Source(Checked):
     # a vlm.data.sources builder (emoji, openclipart, flags, fashion_mnist, easy-vqa), a .jsonl file of
     # {"image": path, "text": caption}, or a Hugging Face dataset (hub id or save_to_disk folder)
-    name: str
-    split: str = "train"
-    limit: int | None = None
-    weight: float = 1.0  # how many times each row is seen per epoch (fractions subsample)
-    image_column: str = "image"  # .jsonl and Hugging Face datasets only
-    text_column: str = "text"
+    name: str = checked(REQUIRED, NON_EMPTY)
+    split: str = checked("train", NON_EMPTY)
+    limit: int | None = checked(None, AT_LEAST_ONE)  # None: all rows
+    weight: float = checked(1.0, POSITIVE)  # how many times each row is seen per epoch (fractions subsample)
+    image_column: str = checked("image", NON_EMPTY)  # .jsonl and Hugging Face datasets only
+    text_column: str = checked("text", NON_EMPTY)
+
+    def check_file(self, key: str) -> None:
+        """`ConfigError` naming `key` when `name` is a local file or folder that is not there (a builder's
+        name or a hub id `owner/name` is not checked here)."""
+        name = self.name
+        local = name.endswith(".jsonl") or name.startswith(("/", ".", "~")) or name.count("/") > 1
+        if name not in SOURCES and local:
+            require_path(key, name, "file or folder")
 
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Checked):
     train: tuple[Source, ...] = (
         Source("emoji", weight=3.0),
         Source("openclipart"),
@@ -145,34 +182,45 @@ class DataSection:
         Source("easy-vqa", limit=2000),
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.train:
+            raise ConfigError("train = []: must name at least one source")
+
 
 @dataclass(frozen=True)
-class EvalSection:
-    every: int = 0  # 0: only at the end
-    zero_shot_limit: int = 1000  # held-out Fashion-MNIST test images; 0 skips zero-shot
+class EvalSection(Checked):
+    every: int = checked(0, every("only at the end"))
+    # held-out Fashion-MNIST test images
+    zero_shot_limit: int = checked(1000, at_least(0, "an integer >= 1, or 0 to skip zero-shot"))
     retrieval: tuple[Source, ...] = (  # held-out pairs; repeated captions are dropped (they make ties)
         Source("emoji", split="test", limit=250),
         Source("openclipart", split="test", limit=250),
     )
-    baseline_limit: int = 5000  # training images per source that the raw-pixel baselines search
-    easy_vqa_limit: int = 1000  # held-out easy-VQA test images probed for shape and colour; 0 skips it
-    batch_size: int = 128
+    baseline_limit: int = checked(
+        5000, AT_LEAST_ONE
+    )  # training images per source the raw-pixel baselines search
+    # held-out easy-VQA test images probed for shape and colour
+    easy_vqa_limit: int = checked(1000, at_least(0, "an integer >= 1, or 0 to skip it"))
+    batch_size: int = checked(128, AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    out_dir: str = "runs/siglip"
-    steps: int = 1000
-    batch_size: int = 128  # per process and micro-step: the contrastive batch is this times the processes
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only (not biases, norms, logit scale and bias)
+class TrainSection(Checked):
+    out_dir: str = checked("runs/siglip", NON_EMPTY)
+    steps: int = checked(1000, AT_LEAST_ONE)
+    # per process and micro-step: the contrastive batch is this times the processes
+    batch_size: int = checked(128, AT_LEAST_ONE)
+    grad_accum: int = checked(1, AT_LEAST_ONE)
+    lr: float = checked(1e-3, POSITIVE)
+    warmup_steps: int = checked(100, NON_NEGATIVE_INT)
+    # on matrices only (not biases, norms, logit scale and bias)
+    weight_decay: float = checked(0.1, NON_NEGATIVE)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     bf16: bool = True  # autocast where the device supports bf16 (CPU with AVX-512-BF16/AMX, Ampere+ GPUs)
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
+    checkpoint_every: int = checked(100, AT_LEAST_ONE)  # and at the last step
+    log_every: int = checked(10, AT_LEAST_ONE)  # and at the last step
+    seed: int = checked(0, SEED)
     equal_captions_match: bool = True  # identical captions are matches, not negatives (module docstring)
 
 
@@ -182,6 +230,16 @@ class PretrainConfig:
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+
+def check_files(cfg: PretrainConfig) -> None:
+    """The local data files and folders `cfg` names exist (`ConfigError` naming the key otherwise), and the run
+    folder can be one: checked before anything loads."""
+    require_folder("train.out_dir", cfg.train.out_dir)
+    for i, source in enumerate(cfg.data.train):
+        source.check_file(f"data.train[{i}].name")
+    for i, source in enumerate(cfg.eval.retrieval):
+        source.check_file(f"eval.retrieval[{i}].name")
 
 
 # -- setup -------------------------------------------------------------------------------------------------
@@ -231,12 +289,15 @@ def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> Sigl
 def load_source(source: Source, size: int) -> datasets.Dataset:
     """One source as a Dataset with (at least) image and text columns, images `size` x `size`."""
     from vlm.data import from_hf_dataset, from_jsonl
+    from vlm.data.common import with_report
 
     if source.name in SOURCES:
         return SOURCES[source.name](split=source.split, size=size, limit=source.limit)
     if source.name.endswith(".jsonl"):
         data = from_jsonl(source.name, source.image_column, source.text_column, size=size, cache=True)
-        return data.select(range(min(len(data), source.limit))) if source.limit is not None else data
+        if source.limit is None:
+            return data
+        return with_report(data.select(range(min(len(data), source.limit))), skip_report(data))
     return from_hf_dataset(
         source.name, source.image_column, source.text_column, source.split,
         size=size, limit=source.limit, cache=True,
@@ -256,6 +317,11 @@ def load_sources(
             log(f"{source.name}: skipped, not available: {err}")
             continue
         log(f"  {source.name}[{source.split}]: {len(data):,} pairs, weight {source.weight}")
+        report = skip_report(data)
+        if (
+            report is not None and report.skipped
+        ):  # bad rows were counted and left out: say so in the run's log
+            log(f"    {report.summary()}")
         loaded.append((source, data))
     return loaded
 
@@ -387,6 +453,7 @@ def train(cfg: PretrainConfig, resume: bool = False) -> tuple[SiglipModel, PreTr
 
 def setup(cfg: PretrainConfig, resume: bool) -> Run:
     """Model, tokenizer, optimizer, data and evaluator; from the newest checkpoint when there is one."""
+    check_files(cfg)  # before anything loads
     t = cfg.train
     accelerator = make_accelerator(t.bf16, t.seed)
     log, run_dir = accelerator.print, Path(t.out_dir)

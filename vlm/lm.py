@@ -17,8 +17,11 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,15 +61,24 @@ def find_package_file(spec: str) -> Path:
     return path
 
 
-def gguf_to_folder(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder in the cache and return that folder.
-
-    The cache key covers the file's name, size and modification time, so a replaced file is converted again.
-    The folder is written under a temporary name and renamed into place: an interrupted conversion never
-    leaves a half-written model behind."""
+def converted_folder(gguf: Path) -> Path:
+    """Where `gguf_to_folder` keeps the conversion of `gguf`: named by the file's stem and a key over its
+    path, size and modification time, so a replaced file is converted again."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "lm" / f"{gguf.stem}-{key}"
+    return cache_dir() / "lm" / f"{gguf.stem}-{key}"
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder in the cache (`converted_folder`) and return
+    that folder.
+
+    The folder is written under a temporary name that carries this process's host and id
+    (`.NAME.HOST-PID.XXXXXXXX`) and renamed into place: an interrupted conversion never leaves a half-written
+    model behind, and the temporary folder a killed one leaves (hundreds of MB) is removed by the next call
+    (`remove_orphans`)."""
+    folder = converted_folder(gguf)
+    remove_orphans(folder.parent)
     if (folder / "config.json").is_file():
         return folder
     from transformers import GgufConfig
@@ -78,7 +90,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{_owner()}."))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -90,6 +102,56 @@ def gguf_to_folder(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+ORPHAN_AGE_S = 24 * 3600  # a temporary folder older than this is an orphan whoever made it
+# `gguf_to_folder`'s temporary folders: "." + the final name (stem-12 hex digits) + "." + owner + "." +
+# mkdtemp's random part; folders from before the owner was part of the name have none.
+_TEMP_NAME = re.compile(r"\..+-[0-9a-f]{12}\.(?:(?P<host>\w+)-(?P<pid>\d+)\.)?\w+")
+
+
+def _owner() -> str:
+    """This process as a temporary folder's owner: `HOST-PID` (a cache on a shared disk sees several hosts,
+    and a PID means something only on its own)."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    except (OverflowError, ValueError):  # not a PID this system could have
+        return False
+    return True
+
+
+def remove_orphans(root: Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove the temporary folders that killed conversions left in `root` (hidden folders `.NAME.OWNER.XXXX`,
+    see `gguf_to_folder`): those of this host whose process is gone, and any older than `max_age_s` (another
+    host's, or one from before folders carried their owner). A live conversion's folder is left alone.
+    Returns the folders removed."""
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:  # no cache yet
+        return removed
+    host, now = _owner().rsplit("-", 1)[0], time.time()
+    for entry in entries:
+        ours = _TEMP_NAME.fullmatch(entry.name)
+        if ours is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        try:
+            old = now - entry.stat().st_mtime > max_age_s
+        except OSError:  # removed meanwhile
+            continue
+        dead = ours["host"] == host and not _alive(int(ours["pid"]))
+        if dead or old:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def resolve_lm_source(source: str | Path) -> str:

@@ -400,19 +400,21 @@ class Progress:
 
 
 def run_script(argv: list[str], doc: str, config_class: type, train: Callable[..., Any]) -> int:
-    """`SCRIPT CONFIG.yaml [--dotted.key=value ...] [--resume]`, shared by the training scripts: load and
-    validate the config, then `train(cfg, resume)`. Returns the exit status: 2 with the script's docstring
-    when no config is named, 2 with a one-line message for a bad config or a run folder another run wrote."""
+    """`SCRIPT [CONFIG.yaml] [--dotted.key=value ...] [--resume]`, shared by the training scripts: load and
+    validate the config (the YAML, else the defaults, then the overrides), then `train(cfg, resume)`. Returns
+    the exit status: 2 with the script's docstring when given nothing, 2 with a one-line message for a bad
+    config (`ConfigError`: checked before anything loads) or a run folder another run wrote."""
     from vlm.config import load_config
 
     resume = "--resume" in argv
     args = [a for a in argv if a != "--resume"]
-    if not args or args[0].startswith("--"):
+    if not args:
         print(doc)
         return 2
+    path, overrides = (None, args) if args[0].startswith("--") else (args[0], args[1:])
     try:
-        train(load_config(config_class, args[0], args[1:]), resume)
+        train(load_config(config_class, path, overrides), resume)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

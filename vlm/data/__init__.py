@@ -18,6 +18,7 @@ from vlm.data.common import (
     cache_root,
     encode_image,
     skip_report,
+    undecoded,
 )
 from vlm.data.easy_vqa import (
     EASY_VQA_COLORS,
@@ -61,4 +62,5 @@ __all__ = [
     "skip_report",
     "split",
     "to_conversation",
+    "undecoded",
 ]

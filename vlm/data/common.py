@@ -53,6 +53,7 @@ UNREADABLE_IMAGE = "unreadable image"
 EMPTY_CAPTION = "empty caption"
 MALFORMED_LINE = "malformed line"
 MISSING_KEY = "missing key"
+NOT_A_PATH = "image not a path"  # a JSON image field that is a number, list or object
 
 
 class SourceUnavailable(RuntimeError):
@@ -166,6 +167,20 @@ def encode_image(
     elif isinstance(image, (bytes, bytearray)) and _is_plain_rgb(bytes(image)):
         return bytes(image)
     return png_bytes(rgb)
+
+
+def undecoded(dataset: datasets.Dataset, column: str = "image") -> datasets.Dataset:
+    """`dataset` with its `datasets.Image` column left encoded: a row gives {"bytes", "path"}, not a PIL image.
+
+    For training loops: each image is then decoded by `load_image` when its batch is built, under its pixel
+    limit and with its one error type (`ImageLoadError`, which the loop counts and skips), instead of by
+    `datasets`, which hands PIL any file it is given and raises whatever PIL raises (a decompression bomb,
+    a 0-byte file). The skip report does not carry over: read it first. Other datasets are returned as they
+    are."""
+    feature = dataset.features.get(column)
+    if not isinstance(feature, ImageFeature) or not feature.decode:
+        return dataset
+    return dataset.cast_column(column, ImageFeature(decode=False))
 
 
 def fit_square(image: Image.Image, size: int, pad: bool = False) -> Image.Image:

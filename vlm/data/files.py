@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import random
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from vlm.data.common import (
     EMPTY_CAPTION,
     MALFORMED_LINE,
     MISSING_KEY,
+    NOT_A_PATH,
     PAIR_FEATURES,
     Skip,
     SkipReport,
@@ -329,7 +331,10 @@ def from_jsonl_vqa(
 ) -> datasets.Dataset:
     """Training rows (`VQA_FEATURES`) from a JSONL of {"image": path (relative to the file's folder, or
     absolute), "question": ..., "answers": [...] (or "answer": "..."), "question_type" (or "answer_type"):
-    ... (optional)}. A row with a missing image, an empty question or no answer is counted and skipped."""
+    ... (optional)}. A row whose image is missing or not a path string, with an empty question or no answer
+    is counted and skipped. Only that much is checked here (listing a million rows stays fast): a file that
+    is there but unreadable (empty, truncated, a decompression bomb) is found when a training batch loads it
+    (`load_image`), and skipped there."""
     path = Path(path)
     report = SkipReport(path.name)
     rows = []
@@ -339,9 +344,13 @@ def from_jsonl_vqa(
             continue
         image, question = record.get(image_key), str(record.get(question_key) or "").strip()
         answers = _answers(record.get(answers_key, record.get("answer")))
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            # JSON gives no bytes: anything but a path string (a number, a list, an object) is unusable
+            report.add(NOT_A_PATH, f"line {number}: {image_key!r} is {reprlib.repr(image)}")
+            continue
         if isinstance(image, str) and not Path(image).is_absolute():
             image = str(path.parent / image)
-        if image is None or (isinstance(image, str) and not Path(image).is_file()):
+        if image is None or not Path(image).is_file():
             report.add("missing image", f"line {number}: {image}")
         elif not question:
             report.add("empty question", f"line {number}")

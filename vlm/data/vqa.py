@@ -36,8 +36,12 @@ CAPTION_PROMPTS = (
 def to_conversation(row: dict[str, Any], rng: random.Random | None = None) -> list[Message]:
     """A VQA row (question + answers) or a caption pair (text) -> [user(image + prompt), assistant(answer)].
 
-    VQA learns the most common answer (ties broken by first seen); a caption pair gets one of a few prompts."""
+    VQA learns the most common answer (ties broken by first seen); a caption pair gets one of a few prompts.
+    The image is passed on as the row holds it: a path, bytes, a PIL image, or an undecoded
+    `datasets.Image` cell (`undecoded`), which becomes its bytes or path, for `load_image` to read."""
     image = row["image"]
+    if isinstance(image, dict):  # {"bytes": ..., "path": ...}: encoded bytes when there are any
+        image = image.get("bytes") or image.get("path")
     if "question" in row:
         answer = Counter(row["answers"]).most_common(1)[0][0]
         prompt = row["question"]
