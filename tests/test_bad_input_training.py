@@ -8,17 +8,16 @@ import dataclasses
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import time
 import types
 import typing
-import zlib
 from pathlib import Path
 
 import pytest
 import yaml
+from bad_files import bomb_png
 from scripts import load_script
 
 from vlm import lm
@@ -40,21 +39,6 @@ from vlm.data import from_jsonl_vqa, skip_report
 ft = load_script("finetune")
 pt = load_script("pretrain_siglip")
 SCHEMAS = {"finetune": ft.FinetuneConfig, "pretrain": pt.PretrainConfig}
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming a huge canvas (10 gigapixels), with almost no data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 # -- config values: one rule per kind of value, for every field ------------------------------------------------

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from bad_files import bomb_png
 from hf_models import hf_vision, save
 from PIL import Image
 from scripts import load_script
@@ -41,21 +40,6 @@ class _Payload:
 
     def __reduce__(self) -> tuple:
         return (Path.write_text, (self.target, "pwned"))
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming a huge canvas (10 gigapixels), with almost no data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @dataclass

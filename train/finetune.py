@@ -79,6 +79,7 @@ from vlm.siglip import SiglipVisionConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
     Progress,
+    RunBase,
     Stream,
     build_optimizer,
     cosine_lr,
@@ -437,7 +438,7 @@ def evaluate(
 
 
 @dataclass
-class Run:
+class Run(RunBase):
     """What the loop works on, from `setup`: the model as accelerate prepared it (`model`, DDP-wrapped with
     several processes) and unwrapped (`core`), the data, and the step reached."""
 
@@ -455,19 +456,6 @@ class Run:
     step: int
     # rows found unusable when their batch was built: (source, row) -> (reason, detail); see `prepare_rows`
     bad: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.cfg.train.out_dir)
-
-    @property
-    def per_step(self) -> int:
-        """Samples an optimizer step, over all processes and micro-batches."""
-        t = self.cfg.train
-        return t.batch_size * self.accelerator.num_processes * t.grad_accum
-
-    def log(self, line: str) -> None:
-        self.accelerator.print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,7 @@ from vlm.siglip_text import SiglipTextConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
     Progress,
+    RunBase,
     Stream,
     build_optimizer,
     cosine_lr,
@@ -404,7 +405,7 @@ def caption_classes(ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
 
 
 @dataclass
-class Run:
+class Run(RunBase):
     """What the loop works on, from `setup`: the model as accelerate prepared it (`model`, DDP-wrapped with
     several processes) and unwrapped (`core`), the data as token ids and caption classes per source, and
     the step reached."""
@@ -423,19 +424,6 @@ class Run:
     metrics: MetricsLog
     evaluator: SiglipEvaluator | None  # on the main process only
     step: int
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.cfg.train.out_dir)
-
-    @property
-    def per_step(self) -> int:
-        """Pairs an optimizer step, over all processes and micro-batches."""
-        t = self.cfg.train
-        return t.batch_size * self.accelerator.num_processes * t.grad_accum
-
-    def log(self, line: str) -> None:
-        self.accelerator.print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -418,3 +418,25 @@ def run_script(argv: list[str], doc: str, config_class: type, train: Callable[..
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
+
+
+class RunBase:
+    """What both training scripts' `Run` dataclasses derive from the config and the accelerator they hold
+    (`cfg.train.out_dir`, `batch_size`, `grad_accum`; `accelerator`)."""
+
+    cfg: Any
+    accelerator: Accelerator
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def per_step(self) -> int:
+        """Rows an optimizer step, over all processes and micro-batches."""
+        t = self.cfg.train
+        return t.batch_size * self.accelerator.num_processes * t.grad_accum
+
+    def log(self, line: str) -> None:
+        """A line on the main process's stdout."""
+        self.accelerator.print(line)
