@@ -645,9 +645,10 @@ class VisionLanguageModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors (vision tower, projector, added LM rows). The LM itself is not
-        copied: `lm_source` names it."""
+        copied: `lm_source` names it. A LoRA adapter on the tower is not part of these files (it is saved with
+        the rest of the adapter, `vlm.lora.save_adapter`): the tower's base weights keep their checkpoint names."""
         directory = Path(directory)
-        state = {f"vision.{k}": v for k, v in self.vision.state_dict().items()}
+        state = {f"vision.{k}": v for k, v in _base_weights(self.vision.state_dict()).items()}
         state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state |= self.added_token_state()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -708,6 +709,12 @@ class VisionLanguageModel(nn.Module):
                 self.lm.get_output_embeddings().weight[self.lm_vocab_size :] = state["added_lm_head"]
 
 
+def _base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without peft's LoRA wrapping: `x.base_layer.weight` -> `x.weight`, `lora_*` tensors left
+    out (they belong to the adapter)."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
 def _as_list(images: ImageSource | Sequence[ImageSource] | None) -> list[ImageSource]:
     if images is None:
         return []
@@ -737,13 +744,16 @@ DEFAULT_CONFIG = VLMConfig(
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # where the trained default ships
 
 
-def load_default_model(dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+def load_default_model(
+    dtype: torch.dtype = torch.float32, quantization: Quantization = None
+) -> VisionLanguageModel:
     """The project's default model: the shipped trained one when present, else (until one ships) a fresh
-    tower and projector around SmolLM2-135M-Instruct, which answers text questions but cannot see yet."""
+    tower and projector around SmolLM2-135M-Instruct, which answers text questions but cannot see yet.
+    `quantization` ("4bit" / "8bit") loads the LM through bitsandbytes."""
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return VisionLanguageModel.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype)
+        return VisionLanguageModel.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, quantization=quantization)
     torch.manual_seed(0)
-    return VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype)
+    return VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype, quantization=quantization)
 
 
 class ContextTooLong(ValueError):

@@ -198,6 +198,20 @@ class SiglipVisionEmbeddings(nn.Module):
         return tokens + self.position_embedding.weight.unsqueeze(0)
 
 
+def project(
+    layer: nn.Module, x: torch.Tensor, gelu: str | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`layer(x)`, then the GELU or residual of `linear`. A plain `nn.Linear` takes `linear`'s fused kernel; a
+    wrapped one (peft's LoRA on the tower, a quantised layer) is called, since its weight alone is not what it
+    computes."""
+    if type(layer) is nn.Linear:
+        return linear(x, layer.weight, layer.bias, gelu=gelu, residual=residual)
+    y = layer(x)
+    if gelu is not None:
+        y = F.gelu(y, approximate=gelu)
+    return y if residual is None else y + residual
+
+
 class SiglipAttention(nn.Module):
     """Multi-head self-attention with separate q/k/v/out projections (the checkpoint's layout)."""
 
@@ -224,10 +238,15 @@ class SiglipAttention(nn.Module):
         `attention_mask`: an additive bias on the scores, broadcast to (B, heads, N, N), e.g. the text
         tower's padding bias (`vlm.siglip_text.padding_bias`); images need none."""
         B, N, D = x.shape
-        # One GEMM for q, k and v (see module docstring), then split heads: 3 x (B, heads, N, head_dim).
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = linear(x, weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projections):
+            # One GEMM for q, k and v (see module docstring), then split heads: 3 x (B, heads, N, head_dim).
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections])
+            qkv = linear(x, weight, bias)
+        else:  # a wrapped projection (peft's LoRA, a quantised layer) computes more than its weight: call it
+            qkv = torch.cat([p(x) for p in projections], dim=-1)
+        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.dropout if self.training else 0.0
         # The written-out path when the weights are wanted (visualisations), and for bf16 on CPU, where two
@@ -246,7 +265,7 @@ class SiglipAttention(nn.Module):
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, heads * head_dim)
-        out = linear(out, self.out_proj.weight, self.out_proj.bias, residual=residual)
+        out = project(self.out_proj, out, residual=residual)
         return out, weights if output_attentions else None
 
 
@@ -259,8 +278,8 @@ class SiglipMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., D) -> (`residual` +) fc2(gelu(fc1(x)))."""
-        x = linear(x, self.fc1.weight, self.fc1.bias, gelu=self.gelu)  # (..., intermediate)
-        return linear(x, self.fc2.weight, self.fc2.bias, residual=residual)
+        x = project(self.fc1, x, gelu=self.gelu)  # (..., intermediate)
+        return project(self.fc2, x, residual=residual)
 
 
 class SiglipEncoderLayer(nn.Module):
