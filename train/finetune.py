@@ -22,6 +22,7 @@ one step on one process over the same global batch, whatever the padding or answ
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from collections import Counter
@@ -355,12 +356,21 @@ def why_unusable(err: Exception) -> str:
     return "unusable conversation"
 
 
+def conversation_of(run: Run, key: tuple[int, int]) -> list[Message]:
+    """Row `key` = (source, row) as a conversation. A caption row's prompt is drawn from an RNG seeded by the run's
+    seed, the step and the row, not from the process's global RNG: every process (and a resumed run) then
+    renders a row alike, so N processes take the step one process would."""
+    source, row = key
+    rng = random.Random(f"{run.cfg.train.seed}:{run.step}:{source}:{row}")
+    return to_conversation(run.sources[source][row], rng)
+
+
 def row_conversation(run: Run, key: tuple[int, int]) -> list[Message] | None:
     """Row `key` = (source, row) as a conversation, or None after recording in `run.bad` why it cannot be
     used (`model.prepare` is tried on it alone: its image loaded, its tokens counted)."""
     source, row = key
     try:
-        conversation = to_conversation(run.sources[source][row])
+        conversation = conversation_of(run, key)
         run.core.prepare([conversation], max_length=run.cfg.data.max_length)
     except UNUSABLE as err:
         run.bad[key] = (why_unusable(err), f"data.train[{source}] row {row}: {' '.join(str(err).split())}")
@@ -376,9 +386,7 @@ def prepare_rows(run: Run, rows: list[tuple[int, int]]) -> Batch:
     fresh = [key for key in rows if key not in run.bad]
     if fresh:
         try:  # the usual case: every row is fine
-            return run.core.prepare(
-                [to_conversation(run.sources[s][r]) for s, r in fresh], max_length=max_length
-            )
+            return run.core.prepare([conversation_of(run, key) for key in fresh], max_length=max_length)
         except UNUSABLE:
             pass
     good = [c for key in fresh if (c := row_conversation(run, key)) is not None]

@@ -207,7 +207,7 @@ def _load_vlm(args: argparse.Namespace):
     from vlm.weights import resolve_checkpoint
 
     if args.model is None:
-        return load_default_model(DTYPES[args.dtype])
+        return load_default_model(DTYPES[args.dtype], quantization=args.quantize)
     folder = resolve_checkpoint(args.model)
     return VisionLanguageModel.from_pretrained(folder, dtype=DTYPES[args.dtype], quantization=args.quantize)
 
