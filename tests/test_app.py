@@ -2,8 +2,13 @@
 
 The handlers called directly (streaming, multi-image chat, bad input, context truncation, stop, uploads
 removed once read, encoder pictures, zero-shot), the `vlm demo` entry point, then the served app driven
-through `gradio_client` (an answer, uploads removed, the upload cap, 20 concurrent clients). The browser
-test is `test_app_browser.py`."""
+through `gradio_client` (an answer, a cancelled stream, uploads removed, the upload cap, 20 concurrent
+clients each getting its own answer, the shipped model and dual encoder). The browser test is
+`test_app_browser.py`.
+
+Stopping is checked by counting decode steps in the generator's worker (`Decoding`), which holds the answer
+at a known step until its stop arrives: a tiny model decodes hundreds of tokens a second, so "it ended soon
+after the stop" could not tell a working Stop from a no-op one."""
 
 from __future__ import annotations
 
@@ -13,12 +18,16 @@ import shutil
 import socket
 import sys
 import threading
+import time
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+import gradio.routes
 import httpx
 import pytest
 from gradio.utils import get_upload_folder
@@ -27,15 +36,21 @@ from PIL import Image
 from tiny import VISION, build
 
 import demo.app as demo_app
-from demo.app import EXAMPLES, UNTRAINED, build_app, describe_model, launch, load_model
+from demo.app import EXAMPLES, UNTRAINED, build_app, describe_model, launch
 from demo.handlers import KEEP_SIDE, SHOWN_SIDE, Handlers, Settings
 from vlm.conversation import user
+from vlm.data import EASY_VQA_COLORS, EASY_VQA_SHAPES
+from vlm.model import DEFAULT_MODEL_DIR
+from vlm.serving import DecodeBatch
 from vlm.viz import patch_similarity
-from vlm.zeroshot import zero_shot
+from vlm.zeroshot import DEFAULT_SIGLIP_DIR, load_dual_encoder, zero_shot
 
 IMAGE = str(EXAMPLES[0].path)  # easy-VQA test image 0: a red triangle, 64x64
 PHOTO = str(next(e.path for e in EXAMPLES if e.file == "chelsea.jpg"))
 QUICK = dict(max_new_tokens=8, temperature=0.0, top_p=1.0)
+LONG = dict(max_new_tokens=256, temperature=0.0, top_p=1.0)  # the tiny model does not end it by itself
+STORY = "Tell me a long story."
+HOLD_TIMEOUT = 20.0  # seconds a held answer waits for its stop before the test gives up on it
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +97,102 @@ def chat(demo: Handlers, question: str, image: str | None = None, display=None, 
 
 def session(name: str) -> SimpleNamespace:
     return SimpleNamespace(session_hash=name)  # what the handlers read of a gr.Request
+
+
+class Decoding:
+    """Watches the generator's worker (`vlm.serving.DecodeBatch`): each answer's decode steps, keyed by the
+    answer's stop event, and how many of them began with that stop already set.
+
+    `hold(n)`: the next answer to reach step n waits there, and after every later step, until its stop is set
+    (polled; a stop that never comes fails the test after HOLD_TIMEOUT). So a stop lands at a known step,
+    however fast the tiny model decodes. A Gradio cancel (`/cancel`) lets the held answer take one more step:
+    Gradio waits for the thread reading the answer, which waits for a piece, before it closes the generator."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.steps: Counter[threading.Event] = Counter()
+        self.after_stop: Counter[threading.Event] = Counter()
+        self.left: set[threading.Event] = set()
+        self.settings: dict[threading.Event, dict] = {}  # each answer's generation settings
+        self.answers: dict[threading.Event, str] = {}  # each ended answer's whole text
+        self.cancels = 0  # Gradio `/cancel` requests received
+        self.timed_out = False
+        self.held: threading.Event | None = None  # the stop of the answer being held
+        self._hold_at: int | None = None
+        self._block = True
+        self._credits = 0  # steps the held answer may take without its stop
+        self._changed = threading.Condition()
+        emit, cancel_tasks = DecodeBatch._emit_and_retire, gradio.routes.cancel_tasks
+
+        def watched(batch: DecodeBatch) -> None:  # once per step, for every row of the batch
+            rows = list(batch.rows)
+            stops = [row.request.stop for row in rows]
+            with self._changed:
+                for row, stop in zip(rows, stops, strict=True):
+                    self.steps[stop] += 1
+                    self.after_stop[stop] += stop.is_set()
+                    self.settings.setdefault(stop, dict(row.request.settings))
+            emit(batch)
+            with self._changed:
+                for row, stop in zip(rows, stops, strict=True):
+                    if row not in batch.rows:
+                        self.left.add(stop)
+                        self.answers[stop] = row.sent
+                if self.held is None and self._hold_at is not None:
+                    self.held = next((s for s in stops if self.steps[s] == self._hold_at), None)
+                self._changed.notify_all()
+                if self.held in stops and self.held not in self.left and self._block and not self.timed_out:
+                    deadline = time.monotonic() + HOLD_TIMEOUT
+                    while not (self.held.is_set() or self._credits) and time.monotonic() < deadline:
+                        self._changed.wait(0.01)
+                    self.timed_out = not (self.held.is_set() or self._credits)
+                    self._credits = max(0, self._credits - 1)
+
+        async def counted(task_ids: set[str]) -> list[str]:
+            with self._changed:
+                self.cancels += 1
+                self._credits += 1
+                self._changed.notify_all()
+            return await cancel_tasks(task_ids)
+
+        monkeypatch.setattr(DecodeBatch, "_emit_and_retire", watched)
+        monkeypatch.setattr(gradio.routes, "cancel_tasks", counted)
+
+    def hold(self, step: int, block: bool = True) -> None:
+        """Hold the next answer to reach `step` (one answer at a time); with `block=False` only note its
+        stop event (`wait_held`) and let it run."""
+        with self._changed:
+            self.held, self._hold_at, self._credits, self._block = None, step, 0, block
+
+    def wait_cancels(self, n: int) -> None:
+        """Until Gradio has received `n` cancel requests in all."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.cancels >= n, timeout=30), "Gradio got no cancel"
+
+    def wait_held(self) -> threading.Event:
+        """The held answer's stop event, once it has reached the step."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.held is not None, timeout=60), (
+                "no answer reached the step"
+            )
+            return self.held
+
+    def wait_left(self, stop: threading.Event) -> None:
+        """Until the answer has left the batch (its last step has run)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: stop in self.left, timeout=120), "the answer never ended"
+
+    def release(self) -> None:
+        """Stop holding (a failing test must not leave the worker waiting)."""
+        with self._changed:
+            self.timed_out = True
+            self._changed.notify_all()
+
+
+@pytest.fixture
+def decoding(monkeypatch) -> Iterator[Decoding]:
+    watch = Decoding(monkeypatch)
+    yield watch
+    watch.release()
 
 
 # -- the handlers, called directly ----------------------------------------------------------------------
@@ -235,27 +346,41 @@ def test_settings_are_clamped_to_the_context(demo) -> None:
     assert demo.settings(0, 0.7, 0.0) == Settings(1, 0.7, 0.01)
 
 
-def test_stop_and_a_closed_stream_end_the_answer_within_a_token(demo) -> None:
-    long = dict(max_new_tokens=256, temperature=0.0, top_p=1.0)
-    turn = demo.chat("Tell me a long story.", None, [], [], **long, request=session("s1"))
+def test_stop_and_a_closed_stream_end_the_answer_within_a_step(demo, model, decoding) -> None:
+    ids = model.tokenizer(model.generate([[user(STORY)]], max_new_tokens=8)[0])["input_ids"]
+    assert len(ids) >= 6  # unstopped, the answer goes on: a no-op stop could not pass
+    # the Stop button: the answer, held after its 2nd step, takes at most one more
+    decoding.hold(2)
+    turn = demo.chat(STORY, None, [], [], **LONG, request=session("s1"))
     next(turn), next(turn)  # the question shown, then the first piece
-    demo.stop(session("s1"))  # the stop button: its session's answer ends
+    stop = decoding.wait_held()
+    assert demo._stops["s1"] is stop
+    demo.stop(session("s1"))
     rest = list(turn)
-    assert len(rest) <= 2  # at most the piece already on its way
-    answer = rest[-1][1][-1]["content"] if rest else ""
-    assert len(demo.model.tokenizer(answer)["input_ids"]) < 20
+    decoding.wait_left(stop)
+    assert not decoding.timed_out, "Stop did not reach the generator"
+    assert decoding.steps[stop] <= 3 and decoding.after_stop[stop] <= 1
+    assert len(rest) <= 2  # the piece of step 2, then that of the last step
     assert "s1" not in demo._stops
     # closing the generator (Gradio's cancel, a closed tab) stops the answer too
-    turn = demo.chat("Tell me a long story.", None, [], [], **long, request=session("s2"))
+    decoding.hold(2)
+    turn = demo.chat(STORY, None, [], [], **LONG, request=session("s2"))
     next(turn), next(turn)
-    stop = demo._stops["s2"]
+    stop = decoding.wait_held()
     turn.close()
-    assert stop.is_set() and "s2" not in demo._stops
+    decoding.wait_left(stop)
+    assert not decoding.timed_out, "closing the stream did not reach the generator"
+    assert decoding.steps[stop] <= 3 and decoding.after_stop[stop] <= 1
+    assert "s2" not in demo._stops
     # a new answer in a session stops that session's previous one
-    first = demo.stream([user("Tell me a long story.")], Settings(256), session="s3")
+    decoding.hold(2)
+    first = demo.stream([user(STORY)], Settings(256), session="s3")
     next(first)
+    stop = decoding.wait_held()
     second = demo.stream([user("Another one.")], Settings(4), session="s3")
     next(second)
+    decoding.wait_left(stop)
+    assert decoding.steps[stop] <= 3 and decoding.after_stop[stop] <= 1
     assert len(list(first)) <= 2
     list(second)
     assert demo.ask(None, "Still there?", **QUICK)
@@ -365,9 +490,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(tries: int = 5, **kwargs) -> tuple[gr.Blocks, str]:
+    """`launch(..., block=False)` on a port the OS says is free. Another process can take it before Gradio
+    binds it (Gradio then raises OSError), so a clash is retried on a new port."""
+    for attempt in range(tries):
+        try:
+            return launch(port=free_port(), block=False, **kwargs)
+        except OSError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def served(model):
-    app, url = launch(model=model, port=free_port(), block=False, max_file_size="1mb")
+    app, url = serve(model=model, max_file_size="1mb")
     assert url.startswith("http://127.0.0.1:")
     yield url
     app.close()
@@ -389,6 +526,22 @@ def test_api_answers_an_image_question(served, model) -> None:
     with pytest.raises(Exception, match="couldn't use that image"):
         client.predict(handle_file(__file__), "What is it?", 8, 0.0, 1.0, api_name="/ask")
     assert client.predict(None, "Still there?", 4, 0.0, 1.0, api_name="/ask")  # alive after a bad input
+
+
+def test_cancelling_a_streamed_answer_ends_it_within_a_step(served, decoding) -> None:
+    """`job.cancel()` posts Gradio's `/cancel`; Gradio closes the handler's generator, which stops the answer."""
+    client = Client(served, verbose=False)
+    decoding.hold(2)
+    job = client.submit(None, STORY, 256, 0.0, 1.0, api_name="/ask_stream")
+    stop = decoding.wait_held()
+    cancelling = threading.Thread(target=job.cancel)  # returns once Gradio has closed the generator
+    cancelling.start()
+    decoding.wait_left(stop)
+    cancelling.join(timeout=60)
+    assert decoding.cancels == 1 and not decoding.timed_out, "the cancel did not reach the generator"
+    # one step frees the thread Gradio waits for, then the answer's stop ends it at the next
+    assert decoding.steps[stop] <= 4 and decoding.after_stop[stop] <= 1
+    assert client.predict(None, "Still there?", 4, 0.0, 1.0, api_name="/ask")
 
 
 def test_the_served_app_deletes_uploads_once_read(served, tmp_path) -> None:
@@ -432,28 +585,36 @@ def test_uploads_over_the_size_cap_are_refused(served, tmp_path) -> None:
     assert client.predict(handle_file(IMAGE), "Still there?", 4, 0.0, 1.0, api_name="/ask")
 
 
-def test_twenty_concurrent_clients_all_get_answers(served) -> None:
-    questions = [f"Question {i}: what shape is in the image?" for i in range(20)]
+def test_twenty_concurrent_clients_each_get_their_own_answer(served, model) -> None:
+    asks = [
+        (str(EXAMPLES[i % len(EXAMPLES)].path), f"Question {i}: {EXAMPLES[i % len(EXAMPLES)].question}")
+        for i in range(20)
+    ]
+    expected = [model.ask(image, question, max_new_tokens=8) for image, question in asks]
+    assert len(set(expected)) >= 18  # nearly all different: answers swapped between clients would show
     start = threading.Barrier(20)
 
-    def one(question: str) -> str:
+    def one(ask: tuple[str, str]) -> str:
         client = Client(served, verbose=False)
         start.wait()  # all 20 ask at once
-        return client.predict(handle_file(IMAGE), question, 8, 0.0, 1.0, api_name="/ask")
+        return client.predict(handle_file(ask[0]), ask[1], 8, 0.0, 1.0, api_name="/ask")
 
     with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(one, questions))
-    assert len(answers) == 20 and all(isinstance(a, str) and a for a in answers)
+        answers = list(pool.map(one, asks))
+    assert answers == expected
     again = Client(served, verbose=False).predict(
         handle_file(IMAGE), "And now?", 8, 0.0, 1.0, api_name="/ask"
     )
-    assert again
+    assert again == model.ask(IMAGE, "And now?", max_new_tokens=8)
 
 
-def test_the_shipped_model_names_shape_and_colour_through_the_api() -> None:
-    model, info = load_model()
+def test_the_shipped_model_and_encoder_name_shape_and_colour_through_the_api(default_model) -> None:
+    info = describe_model(DEFAULT_MODEL_DIR)
     assert info.trained_on != UNTRAINED
-    app, url = launch(model=model, model_info=info, port=free_port(), block=False)
+    encoder = load_dual_encoder(DEFAULT_SIGLIP_DIR)
+    app, url = serve(model=default_model, model_info=info, dual_encoder=encoder)
+    shapes = ", ".join(f"a {s}" for s in EASY_VQA_SHAPES)
+    colours = ", ".join(f"a {c} shape" for c in EASY_VQA_COLORS)
     try:
         client = Client(url, verbose=False)
         for example in EXAMPLES:
@@ -465,5 +626,9 @@ def test_the_shipped_model_names_shape_and_colour_through_the_api() -> None:
             assert shape in answer.lower(), (example.file, answer)
             answer = client.predict(image, "What color is the shape?", 16, 0.0, 1.0, api_name="/ask")
             assert colour in answer.lower(), (example.file, answer)
+            # the zero-shot box's pick (its label, the top score) with the shipped dual encoder
+            assert client.predict(image, shapes, api_name="/zero_shot")["label"] == f"a {shape}", example.file
+            picked = client.predict(image, colours, api_name="/zero_shot")["label"]
+            assert picked == f"a {colour} shape", example.file
     finally:
         app.close()

@@ -4,23 +4,24 @@ Playwright's own browser download does not work here, so the system Chromium is 
 run `playwright install`). Skipped only on a developer machine without Chromium or Playwright; with `CI` set
 in the environment a missing browser is a failure, so CI cannot pass by skipping. Screenshots go to
 `out/app_browser/` (or `$VLM_SCREENSHOTS`) to be looked at.
+
+Every wait is Playwright's (`expect`, `wait_for_function`, with timeouts), never a sleep: a streamed answer
+has ended when the page's Stop-able event is over, which the server's generator (watched by `Decoding`)
+says exactly.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gradio.utils import get_upload_folder
-from test_app import EXAMPLES, PHOTO, free_port
+from test_app import EXAMPLES, PHOTO, STORY, Decoding, serve
 from tiny import build
-
-from demo.app import launch
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # Debian's package; override to test elsewhere
 CHROMIUM_ARGS = [
@@ -46,6 +47,13 @@ def _missing() -> str | None:
     return None
 
 
+@pytest.fixture
+def decoding(monkeypatch) -> Iterator[Decoding]:
+    watch = Decoding(monkeypatch)
+    yield watch
+    watch.release()
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     if (why := _missing()) is not None:
@@ -62,7 +70,7 @@ def browser() -> Iterator:
 
 @pytest.fixture(scope="module")
 def url(parts) -> Iterator[str]:
-    app, url = launch(model=build(parts), port=free_port(), block=False)
+    app, url = serve(model=build(parts))
     yield url
     app.close()
 
@@ -77,49 +85,39 @@ def page(browser, url):
     page.close()
 
 
-def set_until_it_sticks(locator, value: str, tries: int = 20) -> None:
-    """Type a value into a number box. The first edits after the page opens can be overwritten while the
-    frontend settles, so re-type until the value holds for half a second."""
-    for _ in range(tries):
-        locator.fill(value)
-        locator.press("Enter")
-        time.sleep(0.5)
-        if locator.input_value() == value:
-            return
-    raise AssertionError(f"the box kept {locator.input_value()!r} instead of {value!r}")
+def last_answer(page):
+    return page.locator('#chatbot [data-testid="bot"]').last
 
 
-def wait_until_stable(locator, seconds: float = 1.0, timeout: float = 60.0) -> str:
-    """The locator's text once it is non-empty and has not changed for `seconds` (the stream ended)."""
-    deadline = time.monotonic() + timeout
-    last, since = None, time.monotonic()
-    while time.monotonic() < deadline:
-        text = locator.inner_text() if locator.count() else ""
-        if text != last:
-            last, since = text, time.monotonic()
-        elif text.strip() and time.monotonic() - since >= seconds:
-            return text
-        time.sleep(0.1)
-    raise AssertionError(f"no stable answer within {timeout} s (last: {last!r})")
+def ask(page, question: str) -> None:
+    page.fill("#chat-question textarea", question)
+    page.press("#chat-question textarea", "Enter")
 
 
-def test_chat_with_an_uploaded_image(page, tmp_path) -> None:
+def test_chat_with_an_uploaded_image(page, decoding, tmp_path) -> None:
+    from playwright.sync_api import expect
+
     example = EXAMPLES[0]
     image = tmp_path / f"{uuid.uuid4().hex}.png"  # a name of its own, to find its upload in Gradio's folder
     shutil.copy(example.path, image)
     page.locator("#chat-image input[type=file]").set_input_files(str(image))
-    page.wait_for_selector("#chat-image img")
+    expect(page.locator("#chat-image img")).to_be_visible()
     page.get_by_text("Generation settings").click()
     tokens = page.locator("#max-new-tokens input[type=number]")
-    set_until_it_sticks(tokens, "24")
-    page.fill("#chat-question textarea", example.question)
-    page.press("#chat-question textarea", "Enter")
+    expect(tokens).to_be_visible()
+    tokens.fill("24")
+    tokens.press("Enter")
+    expect(tokens).to_have_value("24")
+    decoding.hold(1, block=False)  # to know the answer on the server
+    ask(page, example.question)
 
-    answer = wait_until_stable(page.locator('#chatbot [data-testid="bot"]').last)
+    stop = decoding.wait_held()
+    decoding.wait_left(stop)
+    assert decoding.settings[stop]["max_new_tokens"] == 24  # the setting reached the model
+    answer = decoding.answers[stop]
     assert answer.strip()
-    assert tokens.input_value() == "24" and len(answer.split()) <= 24  # the setting reached the model
-    user = page.locator('#chatbot [data-testid="user"]')
-    assert example.question in user.last.inner_text()
+    expect(last_answer(page)).to_have_text(answer.strip(), use_inner_text=True)  # the whole answer shows
+    expect(page.locator('#chatbot [data-testid="user"]').last).to_contain_text(example.question)
     assert page.locator("#chatbot img").count() >= 1  # the image shows in the conversation
     assert page.input_value("#chat-question textarea") == ""  # the input was cleared for the next turn
     assert list(Path(get_upload_folder()).rglob(image.name)) == []  # the upload was deleted once read
@@ -128,7 +126,33 @@ def test_chat_with_an_uploaded_image(page, tmp_path) -> None:
 
     # a bad turn (no question) gets a friendly reply, and the chat goes on
     page.click("#chat-send")
-    page.wait_for_selector('#chatbot [data-testid="bot"]:has-text("Type a question")')
+    expect(last_answer(page)).to_contain_text("Type a question")
+
+
+@pytest.mark.parametrize("button", ["#chat-stop", "#chat-clear"])
+def test_stop_and_clear_end_the_answer(page, decoding, button) -> None:
+    """The buttons' real wiring: the handler's stop for the session, and (checked for Stop) Gradio's
+    `cancels=`: the page posts `/cancel` for the chat event. The answer is held on the server after its 3rd
+    step, so the click lands mid-answer; at most one more step runs after its stop."""
+    from playwright.sync_api import expect
+
+    decoding.hold(3)
+    ask(page, STORY)
+    stop = decoding.wait_held()
+    expect(last_answer(page)).not_to_be_empty()  # it is streaming
+    page.click(button)
+    decoding.wait_left(stop)
+    assert not decoding.timed_out, f"{button} did not reach the generator"
+    assert decoding.steps[stop] <= 4 and decoding.after_stop[stop] <= 1
+    if button == "#chat-clear":
+        expect(page.locator('#chatbot [data-testid="user"], #chatbot [data-testid="bot"]')).to_have_count(0)
+        return
+    decoding.wait_cancels(1)  # `cancels=`: the page asked Gradio to cancel the chat event
+    # the answer stays as far as it got: the page shows no more than the server generated
+    shown = last_answer(page).inner_text().strip()
+    assert shown and decoding.answers[stop].strip().startswith(shown), (shown, decoding.answers[stop])
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SHOTS / "stopped.png", full_page=True)
 
 
 def test_encoder_tab_maps_and_patch_click(page) -> None:

@@ -2,10 +2,10 @@
 touches the network.
 
 They need Debian/PyPI packages (see shared/DATA.md). The project's set-up installs them in CI, so there a
-missing one fails; on a developer machine without them (`CI` unset) these tests skip."""
+missing one fails; on a developer machine without them (`CI` unset) these tests skip (`needs.missing`)."""
 
+import importlib.util
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from needs import missing
 from PIL import Image
 
 from vlm.data import (
@@ -43,9 +44,7 @@ def _build(builder: Callable[..., datasets.Dataset], **kwargs: object) -> datase
     try:
         return builder(cache=False, **kwargs)
     except SourceUnavailable as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"{builder.__module__}: {err}")
-        pytest.skip(f"{builder.__module__}: {err}")
+        missing(f"{builder.__module__}: {err}")
 
 
 def _check_pairs(dataset: datasets.Dataset, size: int, source: str, count: int) -> None:
@@ -72,8 +71,8 @@ def test_emoji() -> None:
 
 
 def test_emoji_held_out_split_keeps_skin_tone_variants_together() -> None:
-    if not Path(emoji.EMOJI_TEST).is_file() and not os.environ.get("CI"):
-        pytest.skip("unicode-data is not installed")
+    if not Path(emoji.EMOJI_TEST).is_file():
+        missing("unicode-data is not installed")
     bases = sorted({emoji.strip_skin_tones(e["emoji"]) for e in emoji.read_emoji_test(emoji.EMOJI_TEST)})
     test, train = set(held_out(bases, "test", str)), set(held_out(bases, "train", str))
     assert not test & train and test | train == set(bases)
@@ -104,8 +103,8 @@ SVG = """<?xml version="1.0"?>{doctype}
 
 
 def test_openclipart_metadata_rendering_and_failures(tmp_path: Path) -> None:
-    if not os.environ.get("CI"):
-        pytest.importorskip("cairosvg")
+    if importlib.util.find_spec("cairosvg") is None:
+        missing("cairosvg is not installed")
     (tmp_path / "food").mkdir()
     (tmp_path / "food" / "apple.svg").write_text(SVG.format(doctype="", title="Red_Apple 01", fill="red"))
     illustrator = '<!DOCTYPE svg [<!ENTITY ns_flows "http://ns.adobe.com/Flows/1.0/">]>'
@@ -207,7 +206,7 @@ def test_build_mixture_skips_missing_sources(
     monkeypatch.setitem(SOURCES, "absent", missing)
     available = [n for n in ("flags", "easy-vqa") if _available(n)]
     if not available:
-        pytest.skip("neither flags nor easy-VQA is installed")
+        missing("neither flags nor easy-VQA is installed")
     with caplog.at_level(logging.WARNING, logger="vlm.data"):
         mixed = build_mixture([*available, "absent"], size=16, limit=3, cache=False)
     assert sorted(set(mixed["source"])) == sorted(available) and len(mixed) == 3 * len(available)
@@ -233,7 +232,8 @@ def test_registry_takes_the_old_easy_vqa_name() -> None:
 
 
 def test_easy_vqa_question_rows() -> None:
-    pytest.importorskip("easy_vqa")
+    if importlib.util.find_spec("easy_vqa") is None:
+        missing("the easy_vqa package is not installed")
     rows = load_easy_vqa_rows("test", limit=200, seed=0)
     assert len(rows) == 200 and rows == load_easy_vqa_rows("test", limit=200, seed=0)  # a fixed sample
     assert rows != load_easy_vqa_rows("test", limit=200, seed=1)

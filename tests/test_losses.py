@@ -149,6 +149,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_on_a_free_port(worker, args_for_port, nprocs: int, tries: int = 3) -> None:
+    """`mp.spawn(worker, args=args_for_port(port), ...)` on a port the OS says is free. Another process can
+    take it before rank 0 listens on it (EADDRINUSE, and the spawn fails), so a clash is retried on a new one."""
+    for attempt in range(tries):
+        try:
+            return mp.spawn(worker, args=args_for_port(_free_port()), nprocs=nprocs, join=True)
+        except mp.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == tries - 1:
+                raise
+
+
 def _rank_worker(
     rank: int, sizes: list[int], port: int, inputs: dict[str, torch.Tensor], out_dir: str
 ) -> None:
@@ -199,7 +210,7 @@ def test_chunked_loss_across_processes_equals_global_loss_and_gradients(
         with_ids
     ):  # repeated captions, some held by different ranks: matches off the diagonal and across blocks
         inputs["ids"] = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])
-    mp.spawn(_rank_worker, args=(sizes, _free_port(), inputs, str(tmp_path)), nprocs=world, join=True)
+    _spawn_on_a_free_port(_rank_worker, lambda port: (sizes, port, inputs, str(tmp_path)), world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     reference = {name: value.clone().requires_grad_() for name, value in inputs.items() if name != "ids"}

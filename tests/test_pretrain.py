@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import cpu_env, missing, pin_cpu
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from scripts import ROOT, load_script
@@ -47,6 +47,12 @@ def pairs_file(tmp_path_factory) -> Path:
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch) -> None:
+    """These tests compare the trained model with CPU computations: training runs on the CPU everywhere."""
+    pin_cpu(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
@@ -173,8 +179,8 @@ def test_raw_pixel_baselines(tmp_path, pairs_file) -> None:
 def test_evaluation_reports_model_and_baselines(tmp_path, pairs_file) -> None:
     try:
         SOURCES["fashion_mnist"](split="test", size=32, limit=1)
-    except SourceUnavailable:
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    except SourceUnavailable as err:
+        missing(f"Debian's dataset-fashion-mnist is not installed: {err}")
     cfg = pt.EvalSection(
         zero_shot_limit=20, retrieval=(pt.Source(str(pairs_file)),), baseline_limit=30, easy_vqa_limit=40
     )
@@ -215,8 +221,14 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, pairs_file
         str(SCRIPT),
         str(path),
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        cmd,
+        env=cpu_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     want, got = (

