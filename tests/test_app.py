@@ -36,7 +36,7 @@ from PIL import Image
 from tiny import VISION, build
 
 import demo.app as demo_app
-from demo.app import EXAMPLES, UNTRAINED, build_app, describe_model, launch
+from demo.app import EXAMPLES, UNTRAINED, ZERO_SHOT_LABELS, build_app, describe_model, launch
 from demo.handlers import KEEP_SIDE, SHOWN_SIDE, Handlers, Settings
 from vlm.conversation import user
 from vlm.data import EASY_VQA_COLORS, EASY_VQA_SHAPES
@@ -613,7 +613,8 @@ def test_the_shipped_model_and_encoder_name_shape_and_colour_through_the_api(def
     assert info.trained_on != UNTRAINED
     encoder = load_dual_encoder(DEFAULT_SIGLIP_DIR)
     app, url = serve(model=default_model, model_info=info, dual_encoder=encoder)
-    shapes = ", ".join(f"a {s}" for s in EASY_VQA_SHAPES)
+    shapes = ZERO_SHOT_LABELS  # what the Encoder tab starts with: every easy-VQA shape
+    assert sorted(shapes.split(", ")) == sorted(f"a {s}" for s in EASY_VQA_SHAPES)
     colours = ", ".join(f"a {c} shape" for c in EASY_VQA_COLORS)
     try:
         client = Client(url, verbose=False)
