@@ -64,6 +64,13 @@ class Settings:
     top_p: float = 0.9
 
 
+class UserStop(threading.Event):
+    """An answer's stop event; `by_user` once Stop or Clear set it (rather than the answer ending)."""
+
+    by_user = False
+    cleared = False  # by Clear: the chat event's last update must be the cleared chat too
+
+
 class Uploads:
     """Opens the images users send, and deletes Gradio's file of each upload once read (or refused).
 
@@ -148,7 +155,7 @@ class Handlers:
         self.dual_encoder = dual_encoder
         self.generator = BatchedGenerator(model, max_batch_size=max_batch_size)
         self.uploads = Uploads(upload_folder or get_upload_folder(), max_image_pixels)
-        self._stops: dict[str, threading.Event] = {}  # session hash -> its answer's stop, for the Stop button
+        self._stops: dict[str, UserStop] = {}  # session hash -> its answer's stop, for the Stop button
 
     def close(self) -> None:
         """Let running answers finish, then stop the generator's worker."""
@@ -176,11 +183,17 @@ class Handlers:
             ) from None
 
     def stream(
-        self, messages: list[Message], settings: Settings, session: str | None = None
+        self,
+        messages: list[Message],
+        settings: Settings,
+        session: str | None = None,
+        stop: UserStop | None = None,
     ) -> Iterator[str]:
         """The answer so far (growing text) as the generator produces it. Stop (for `session`), clear, or
-        closing this iterator (Gradio's cancel, a closed tab) ends the answer within a token."""
-        stop = threading.Event()
+        closing this iterator (Gradio's cancel, a closed tab) ends the answer within a token. Once the user
+        stopped it, nothing more is yielded: a piece decoded meanwhile must not redraw a chat just cleared
+        (Gradio's cancel of this event can arrive after the Clear button's own update)."""
+        stop = stop if stop is not None else UserStop()
         if session is not None:
             if (previous := self._stops.get(session)) is not None:
                 previous.set()  # one answer per session
@@ -188,6 +201,8 @@ class Handlers:
         text = ""
         try:
             for piece in self.generator.stream(messages, stop=stop, **asdict(settings)):
+                if stop.by_user:
+                    return
                 text += piece
                 yield text
         finally:
@@ -195,9 +210,10 @@ class Handlers:
             if session is not None and self._stops.get(session) is stop:
                 del self._stops[session]
 
-    def stop(self, request: gr.Request | None = None) -> None:
+    def stop(self, request: gr.Request | None = None, cleared: bool = False) -> None:
         """Stop this session's answer (the Stop button; Gradio also cancels the event)."""
         if request is not None and (stop := self._stops.get(request.session_hash)) is not None:
+            stop.by_user, stop.cleared = True, cleared
             stop.set()
 
     # -- chat tab
@@ -240,22 +256,27 @@ class Handlers:
         if dropped:
             display.append(_assistant(self._dropped_notice(dropped, history, messages)))
         yield display, messages, "", None  # show the question now, and clear the input boxes
-        answer = ""
+        answer, stop = "", UserStop()
         try:
-            for answer in self.stream(messages, settings, request.session_hash if request else None):
+            for answer in self.stream(messages, settings, request.session_hash if request else None, stop):
                 yield [*display, _assistant(answer)], [*messages, _assistant(answer)], gr.skip(), gr.skip()
         except Exception:
             log.exception("generation failed")
             note = "⚠️ Something went wrong while answering. The app is still running: please try again."
             yield [*display, _assistant(f"{answer}\n\n{note}".strip())], messages, gr.skip(), gr.skip()
             return
-        if not answer:
+        if (
+            stop.cleared
+        ):  # Gradio may deliver this event's last update after Clear's: make it the cleared chat
+            yield [], [], gr.skip(), gr.skip()
+            return
+        if not answer and not stop.by_user:  # after Stop the page keeps what it shows
             shown = [*display, _assistant("_(the model gave an empty answer)_")]
             yield shown, [*messages, _assistant("")], gr.skip(), gr.skip()
 
     def clear(self, request: gr.Request | None = None) -> tuple[list, list, str, None]:
         """Forget the conversation (and stop an answer in progress)."""
-        self.stop(request)
+        self.stop(request, cleared=True)
         return [], [], "", None
 
     def _dropped_notice(self, dropped: int, history: list[Message], kept: list[Message]) -> str:
