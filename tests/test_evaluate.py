@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 from PIL import Image
 from test_generation import QUESTIONS
 from test_model import build, images, tiny_lm
+from tiny import image_sources
 from transformers import AutoTokenizer
 
 from vlm.conversation import user
@@ -26,13 +26,7 @@ def vlm(smollm2_folder) -> VisionLanguageModel:
 def rows(tmp_path) -> list[dict]:
     """11 questions about 4 images given as a path, PIL images and bytes, several per image, of varied lengths
     (so batches are padded, reordered, and share images across batch boundaries)."""
-    red, blue, green, yellow = images(4)
-    red_path = tmp_path / "red.png"
-    red.save(red_path)
-    buffer = io.BytesIO()
-    yellow.save(buffer, format="PNG")
-    sources = [str(red_path), blue, green, buffer.getvalue(), blue, str(red_path), green, blue, red_path]
-    sources += [buffer.getvalue(), green]
+    sources = image_sources(tmp_path)
     return [
         {
             "image": image,

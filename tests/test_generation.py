@@ -3,13 +3,12 @@ and batched serving — each checked against plain one-by-one `generate`."""
 
 from __future__ import annotations
 
-import io
 import threading
 
 import pytest
 import torch
 from PIL import Image
-from tiny import build, images
+from tiny import build, image_sources, images
 from transformers import AutoTokenizer
 
 from vlm.conversation import user
@@ -34,13 +33,7 @@ def vlm(parts) -> VisionLanguageModel:
 def rows(tmp_path) -> list[dict]:
     """11 questions about 4 images given as a path, PIL images and bytes, several per image, of varied lengths
     (so batches are padded, reordered, and share images across batch boundaries)."""
-    red, blue, green, yellow = images(4)
-    red_path = tmp_path / "red.png"
-    red.save(red_path)
-    buffer = io.BytesIO()
-    yellow.save(buffer, format="PNG")
-    sources = [str(red_path), blue, green, buffer.getvalue(), blue, str(red_path), green, blue, red_path]
-    sources += [buffer.getvalue(), green]
+    sources = image_sources(tmp_path)
     return [{"image": image, "question": QUESTIONS[i % len(QUESTIONS)]} for i, image in enumerate(sources)]
 
 

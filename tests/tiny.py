@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -49,3 +51,15 @@ def build(parts, **overrides) -> VisionLanguageModel:
 def images(n: int) -> list[Image.Image]:
     colours = [(255, 0, 0), (0, 128, 255), (20, 200, 20), (250, 250, 0)]
     return [Image.new("RGB", (40 + 8 * i, 30), colours[i % 4]) for i in range(n)]
+
+
+def image_sources(folder: Path) -> list:
+    """11 image sources over 4 images, as a path (str and Path), PIL images and PNG bytes, several per image:
+    batches over them are padded, reordered and share images across batch boundaries."""
+    red, blue, green, yellow = images(4)
+    red_path = folder / "red.png"
+    red.save(red_path)
+    buffer = io.BytesIO()
+    yellow.save(buffer, format="PNG")
+    sources = [str(red_path), blue, green, buffer.getvalue(), blue, str(red_path), green, blue, red_path]
+    return sources + [buffer.getvalue(), green]
