@@ -6,7 +6,10 @@
 - `emoji`, `openclipart`, `flags`, `fashion_mnist`, `easy_vqa`: the packaged offline sources, each with the
   same `build(split, size, limit, ...)`; `easy_vqa` also gives its questions as VQA rows;
 - `sources`: the sources by name (`SOURCES`), mixing and splitting;
-- `vqa`: rows as chat messages for fine-tuning.
+- `vqa`: rows as chat messages for fine-tuning;
+- `named`: data as a config names it (a packaged source, a file, a folder or a hub id, of kind vqa, caption or
+  chat: VQAv2, several captions an image, LLaVA-Instruct, transformers' chat format, the Cauldron), as
+  conversations for fine-tuning and rows for `vlm eval`.
 
 A caption pair dataset has the columns image (RGB), text and source."""
 
@@ -30,6 +33,7 @@ from vlm.data.easy_vqa import (
 )
 from vlm.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_PHRASES, FASHION_MNIST_TEMPLATES
 from vlm.data.files import from_folder, from_hf_dataset, from_jsonl, from_jsonl_vqa, load_jsonl_rows
+from vlm.data.named import BadRow, DataError, DataSpec, Rows, open_data
 from vlm.data.sources import SOURCES, TrainEval, build_mixture, mix, split
 from vlm.data.vqa import VQA_FEATURES, to_conversation
 
@@ -42,6 +46,10 @@ __all__ = [
     "HELD_OUT_FRACTION",
     "PAIR_FEATURES",
     "SOURCES",
+    "BadRow",
+    "DataError",
+    "DataSpec",
+    "Rows",
     "VQA_FEATURES",
     "SkipReport",
     "SourceUnavailable",
@@ -59,6 +67,7 @@ __all__ = [
     "load_easy_vqa_rows",
     "load_jsonl_rows",
     "mix",
+    "open_data",
     "skip_report",
     "split",
     "to_conversation",
