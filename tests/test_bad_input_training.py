@@ -68,6 +68,7 @@ def checked_fields(cls: type) -> list[tuple[str, dataclasses.Field, Rule]]:
 NO_RULE = {
     "model.vision_feature_layer",  # negative counts from the end; its range is a cross-field rule of ModelSection
     "model.init", "model.vision", "model.system_prompt",  # optional; folders are checked by their loaders
+    "data.train.columns", "data.eval.columns",  # a mapping, checked against the kind's fields by Source
 }  # fmt: skip
 # A value that breaks each rule (a float for float fields, an int for int fields).
 BREAKS = {
@@ -121,7 +122,10 @@ def test_cross_field_rules_are_checked_when_the_config_is_read() -> None:
         ("finetune", "--model.scale_factor=3"): "model.scale_factor: pixel_shuffle with scale_factor 3",
         ("finetune", "--model.vision_feature_layer=7"): "model.vision_feature_layer = 7: must be in [-7, 6]",
         ("finetune", "--data.train=[]"): "data.train = []: must name at least one source",
-        ("finetune", "--data.eval={kind: caption, name: emoji}"): "data.eval.kind = 'caption'",
+        ("finetune", "--data.eval={kind: caption, name: emoji, columns: {question: q}}"):
+            "data.eval.columns.question: not a field of kind 'caption'",
+        ("finetune", "--data.train=[{kind: vqa, name: x.jsonl, columns: {question: ''}}]"):
+            "data.train[0].columns.question = '': must be a column name",
         ("pretrain", "--model.vision={image_size: 30}"): "model.vision.image_size 30 is not divisible by patch_size",
         ("pretrain", "--model.text={hidden_size: 100}"): "model.text.hidden_size 100 is not divisible",
         ("pretrain", "--data.train=[]"): "data.train = []: must name at least one source",
@@ -301,9 +305,8 @@ def test_finetune_skips_and_counts_unreadable_images_and_finishes(
     assert code == 0, captured.err
     assert (out / "final" / "config.json").is_file()
     log = captured.out
-    assert "rows.jsonl: skipped 2 of 7 rows: 1 image not a path, 1 missing image" in log  # when read
-    # when their batches were built: each bad file counted once however often it was drawn (12 draws of 5 rows)
-    assert "training rows: skipped 2 of 5 rows: 2 unreadable image" in log
+    # counted when their batches were built: each bad row once however often it was drawn (12 draws of 7 rows)
+    assert "training rows: skipped 4 of 7 rows: 3 unreadable image, 1 no image" in log, log
     assert "empty.png: file is empty (0 bytes)" in log and "bomb.png: image is larger than" in log
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 // batch_size and all(0 < x < 100 for x in losses)

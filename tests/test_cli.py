@@ -270,7 +270,8 @@ def test_vlm_eval_captions_on_a_jsonl(saved, tmp_path, capsys) -> None:
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prediction"] for r in records] == predictions
     assert [r["image"] for r in records] == [str(p) for p in pictures]
-    assert main(["eval", str(saved / "m"), "--task", "caption", "--data", "easy-vqa"]) == 2  # a VQA set
+    assert main(["eval", str(saved / "m"), "--task", "chat", "--data", "easy-vqa"]) == 2  # no conversations
+    assert "easy-vqa: a packaged source of kind vqa or caption, not chat" in capsys.readouterr().err
 
 
 def test_vlm_eval_and_merge_on_a_saved_model(saved, tmp_path, capsys) -> None:

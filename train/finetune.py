@@ -32,7 +32,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import datasets
 import torch
 import torch.distributed as dist
 
@@ -57,20 +56,12 @@ from vlm.config import (  # noqa: E402
     every,
     require_folder,
     require_path,
+    shown,
     to_dict,
 )
 from vlm.conversation import Message  # noqa: E402
-from vlm.data import (  # noqa: E402
-    SOURCES,
-    from_jsonl,
-    from_jsonl_vqa,
-    load_easy_vqa_rows,
-    load_jsonl_rows,
-    skip_report,
-    to_conversation,
-    undecoded,
-)
-from vlm.data.common import NOT_A_PATH, UNREADABLE_IMAGE, SkipReport  # noqa: E402
+from vlm.data.common import NOT_A_PATH, UNREADABLE_IMAGE, SkipReport, SourceUnavailable  # noqa: E402
+from vlm.data.named import BadRow, DataError, DataSpec, Rows, open_data  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
 from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
@@ -162,37 +153,46 @@ class LoraSection(Checked):
 
 @dataclass(frozen=True)
 class Source(Checked):
-    kind: Literal["vqa", "caption"]
-    # "easy-vqa", a JSONL file, or (captions) a vlm.data.sources builder: emoji, flags, ...
+    """One data source (`vlm.data.named`): what the rows are (`kind`) and where they come from (`name`)."""
+
+    kind: Literal["vqa", "caption", "chat"]
+    # a packaged source (easy-vqa; emoji, flags, ...), a .jsonl/.json/.parquet/.csv file, a folder or a hub id
     name: str = checked(REQUIRED, NON_EMPTY)
+    subset: str | None = checked(None, NON_EMPTY)  # the hub dataset's configuration
     split: str = checked("train", NON_EMPTY)
-    limit: int | None = checked(None, AT_LEAST_ONE)  # None: all rows
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> the dataset's column
+    limit: int | None = checked(None, AT_LEAST_ONE)  # None: all rows (a stream: the rows to read)
     weight: float = checked(1.0, POSITIVE)  # how many times each row is seen per epoch (fractions subsample)
+    streaming: bool = False  # read rows in order, never holding the set (a hub set too big to download)
+    image_root: str | None = checked(
+        None, NON_EMPTY
+    )  # relative image paths start here; default: the file's folder
 
-    @property
-    def is_file(self) -> bool:
-        """Whether `name` is a JSONL file (not easy-VQA or a packaged caption source)."""
-        return self.name not in (EASY_VQA, "easy_vqa") if self.kind == "vqa" else self.name not in SOURCES
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.spec()  # the columns' fields fit the kind, and name columns
+        except DataError as err:
+            raise ConfigError(str(err).removeprefix(f"{self.name}: ")) from None
 
-
-EASY_VQA = "easy-vqa"
+    def spec(self) -> DataSpec:
+        return DataSpec(
+            self.kind, self.name, self.subset, self.split, dict(self.columns), self.limit, self.streaming,
+            self.image_root,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class DataSection(Checked):
-    train: tuple[Source, ...] = (Source(kind="vqa", name=EASY_VQA),)
-    eval: Source | None = Source(kind="vqa", name=EASY_VQA, split="test", limit=500)
+    train: tuple[Source, ...] = (Source(kind="vqa", name="easy-vqa"),)
+    # scored during and after training: VQA accuracy, caption BLEU-4/CIDEr, chat answers (vlm.evaluate)
+    eval: Source | None = Source(kind="vqa", name="easy-vqa", split="test", limit=500)
     max_length: int = checked(512, AT_LEAST_ONE)  # longer conversations are skipped and counted
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.train:
             raise ConfigError("train = []: must name at least one source")
-        if self.eval is not None and self.eval.kind != "vqa":
-            raise ConfigError(
-                "eval.kind = 'caption': evaluation during fine-tuning is VQA accuracy; "
-                "use `vlm eval --task caption` for captions"
-            )
 
 
 @dataclass(frozen=True)
@@ -226,18 +226,31 @@ class FinetuneConfig:
 
 
 def check_files(cfg: FinetuneConfig) -> None:
-    """The data files `cfg` names exist (`ConfigError` naming the key otherwise): checked before anything
-    loads, as is the run folder. Model folders and hub ids are checked by their loaders, which fail before
-    loading anything."""
+    """The run folder can be written and a GGUF LM file exists (`ConfigError` naming the key otherwise):
+    checked before anything loads. Model folders and hub ids are checked by their loaders, which fail before
+    loading anything; data sources by `open_sources`."""
     require_folder("train.out_dir", cfg.train.out_dir)
-    for i, source in enumerate(cfg.data.train):
-        if source.is_file:
-            require_path(f"data.train[{i}].name", source.name)
-    if cfg.data.eval is not None and cfg.data.eval.is_file:
-        require_path("data.eval.name", cfg.data.eval.name)
     lm = cfg.model.lm
     if cfg.model.init is None and lm.endswith(".gguf") and not lm.startswith("package:"):
         require_path("model.lm", lm)
+
+
+def open_sources(cfg: FinetuneConfig) -> tuple[list[Rows], Rows | None]:
+    """Every `data.train` source and `data.eval`, opened and checked against its kind before any model loads:
+    one `ConfigError` with a line per source that cannot be used (a missing file, an unknown column, a kind
+    the rows do not fit)."""
+    entries = [(f"data.train[{i}]", source) for i, source in enumerate(cfg.data.train)]
+    if cfg.data.eval is not None:
+        entries.append(("data.eval", cfg.data.eval))
+    opened, errors = [], []
+    for key, source in entries:
+        try:
+            opened.append(open_data(source.spec()))
+        except (DataError, SourceUnavailable) as err:
+            errors.append(f"{key}.name = {shown(source.name)}: {str(err).removeprefix(f'{source.name}: ')}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return opened[: len(cfg.data.train)], (opened[-1] if cfg.data.eval is not None else None)
 
 
 # -- setup -------------------------------------------------------------------------------------------------
@@ -298,17 +311,6 @@ def make_trainable(model: VisionLanguageModel, settings: LoraSettings, gradient_
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def load_source(source: Source) -> datasets.Dataset | list[dict]:
-    """One training source: VQA rows (question, answers, image) or caption pairs (image, text)."""
-    if source.kind == "vqa":
-        if source.is_file:
-            return from_jsonl_vqa(source.name)
-        return load_easy_vqa_rows(source.split, limit=source.limit)
-    if source.is_file:
-        return from_jsonl(source.name)
-    return SOURCES[source.name](split=source.split, limit=source.limit)
-
-
 def param_groups(model: VisionLanguageModel, t: TrainSection) -> list[dict]:
     """Per-module learning rates, as multiples of the scheduled LR (`lr_scale`, see vlm.training.set_lr)."""
     groups: dict[str, list[torch.nn.Parameter]] = {"lora": [], "projector": [], "vision": [], "other": []}
@@ -347,6 +349,8 @@ UNUSABLE = (ValueError, TypeError)
 
 def why_unusable(err: Exception) -> str:
     """A skip reason that groups alike rows ("unreadable image"), for the skip report."""
+    if isinstance(err, BadRow):  # the row does not fit its format (vlm.data.named)
+        return err.reason
     if isinstance(err, ImageLoadError):
         return UNREADABLE_IMAGE
     if isinstance(err, TypeError):
@@ -362,7 +366,7 @@ def conversation_of(run: Run, key: tuple[int, int]) -> list[Message]:
     renders a row alike, so N processes take the step one process would."""
     source, row = key
     rng = random.Random(f"{run.cfg.train.seed}:{run.step}:{source}:{row}")
-    return to_conversation(run.sources[source][row], rng)
+    return run.sources[source].conversation(row, rng)
 
 
 def row_conversation(run: Run, key: tuple[int, int]) -> list[Message] | None:
@@ -425,21 +429,14 @@ def bad_rows_report(run: Run, everywhere: bool = False) -> SkipReport:
 # -- evaluation ---------------------------------------------------------------------------------------------
 
 
-def load_eval_rows(source: Source) -> list[dict]:
-    """Evaluation rows keep image paths (not decoded images) so the evaluator can encode each image once."""
-    if source.is_file:
-        return load_jsonl_rows(source.name, limit=source.limit)
-    return load_easy_vqa_rows(source.split, limit=source.limit)
-
-
 def evaluate(
-    model: VisionLanguageModel, rows: list[dict], batch_size: int, out: Path | None
+    model: VisionLanguageModel, kind: str, rows: list[dict], batch_size: int, out: Path | None
 ) -> dict[str, float]:
-    """VQA accuracy over `rows` (`vlm.evaluate.evaluate_vqa`); the predictions to `out` when given."""
-    from vlm.evaluate import evaluate_vqa
+    """`data.eval`'s scores (`vlm.evaluate`): VQA accuracy, caption BLEU-4/CIDEr or chat answers; the
+    predictions to `out` when given."""
+    from vlm.evaluate import EVALUATORS
 
-    result = evaluate_vqa(model, rows, batch_size=batch_size, predictions_path=out)
-    return result.summary()
+    return EVALUATORS[kind](model, rows, batch_size=batch_size, predictions_path=out).summary()
 
 
 # -- the loop -------------------------------------------------------------------------------------------------
@@ -456,7 +453,7 @@ class Run(RunBase):
     core: VisionLanguageModel
     settings: LoraSettings
     optimizer: torch.optim.Optimizer
-    sources: list[datasets.Dataset | list[dict]]  # per `data.train` source (`load_source`)
+    sources: list[Rows]  # per `data.train` source
     stream: Stream
     metrics: MetricsLog
     eval_rows: list[dict] | None
@@ -482,6 +479,7 @@ def train(cfg: FinetuneConfig, resume: bool = False) -> VisionLanguageModel:
 def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     """Model with LoRA, optimizer and data; from the newest checkpoint when there is one."""
     check_files(cfg)  # before anything loads
+    sources, eval_source = open_sources(cfg)
     t = cfg.train
     accelerator = make_accelerator(t.bf16, t.seed)
     log, run_dir = accelerator.print, Path(t.out_dir)
@@ -494,16 +492,13 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     step = resume_step(ckpt, optimizer, log)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
-    sources = []
-    for source in cfg.data.train:
-        data = load_source(source)
-        log_skips(log, skip_report(data) if isinstance(data, datasets.Dataset) else None)
-        # images decoded by load_image as batches are built, where a bad one is counted and skipped
-        sources.append(undecoded(data) if isinstance(data, datasets.Dataset) else data)
-    stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed)
+    for source in sources:  # rows lost before training (a JSON file's unreadable lines, a packaged build's)
+        log_skips(log, source.report)
+    streamed = [i for i, source in enumerate(sources) if source.streaming]
+    stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed, streamed)
     log(stream.describe(t.batch_size * accelerator.num_processes * t.grad_accum, t.steps))
     metrics = open_run_folder(run_dir, cfg, accelerator.is_main_process)
-    eval_rows = load_eval_rows(cfg.data.eval) if cfg.data.eval is not None else None
+    eval_rows = eval_source.eval_rows() if eval_source is not None else None
     writer = None
     if t.tensorboard and accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -588,7 +583,9 @@ def evaluate_mid_run(run: Run) -> None:
     """VQA accuracy on `data.eval` on the main process (the others wait), to metrics.jsonl and printed."""
     run.model.eval()
     if run.accelerator.is_main_process:
-        summary = evaluate(run.core, run.eval_rows, run.cfg.train.eval_batch_size, None)
+        summary = evaluate(
+            run.core, run.cfg.data.eval.kind, run.eval_rows, run.cfg.train.eval_batch_size, None
+        )
         run.metrics.write_eval(run.step, summary)
         run.log(f"step {run.step}: eval {summary}")
     run.accelerator.wait_for_everyone()
@@ -614,12 +611,19 @@ def ship(run: Run, started: float) -> None:
         summary = {}
         if run.eval_rows is not None:
             summary = evaluate(
-                run.core, run.eval_rows, run.cfg.train.eval_batch_size, run.dir / "predictions.jsonl"
+                run.core,
+                run.cfg.data.eval.kind,
+                run.eval_rows,
+                run.cfg.train.eval_batch_size,
+                run.dir / "predictions.jsonl",
             )
             run.metrics.write_eval(run.step, summary)
             run.log(f"final eval: {summary}")
         plot_curves(
-            run.metrics.read(), run.dir / "curves.png", ("loss", "eval_accuracy"), f"finetune {run.dir.name}"
+            run.metrics.read(),
+            run.dir / "curves.png",
+            ("loss", "eval_accuracy", "eval_cider"),
+            f"finetune {run.dir.name}",
         )
         write_model_card(final, run.cfg, run.step, run.per_step, summary, time.perf_counter() - started)
         run.log(f"model saved to {final}")

@@ -101,13 +101,32 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--top-k", type=checked(non_negative_int, int), default=0, help="0 = off")
         sub.add_argument("--repetition-penalty", type=checked(positive_float, float), default=1.0)
 
-    evaluate = commands.add_parser("eval", help="VQA accuracy or caption BLEU-4/CIDEr by greedy generation")
+    evaluate = commands.add_parser(
+        "eval", help="VQA accuracy, caption BLEU-4/CIDEr or chat answers, by greedy generation"
+    )
     evaluate.add_argument(
         "model", nargs="?", help="a saved VLM folder (default: the project's default model)"
     )
-    evaluate.add_argument("--task", choices=["vqa", "caption"], default="vqa")
-    evaluate.add_argument("--data", default="easy-vqa", help="easy-vqa (bundled), or a JSONL of rows")
-    evaluate.add_argument("--split", default="test", help="easy-vqa split")
+    evaluate.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa", help="the data's kind")
+    evaluate.add_argument(
+        "--data",
+        default="easy-vqa",
+        help="as a config's data.name: easy-vqa or another packaged source, a .jsonl/.json/.parquet/.csv "
+        "file, a folder, or a hub id",
+    )
+    evaluate.add_argument("--subset", help="the hub dataset's configuration")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="the dataset's column for one of our fields (e.g. question=q); repeatable",
+    )
+    evaluate.add_argument(
+        "--image-root", help="relative image paths start here (default: the data file's folder)"
+    )
+    evaluate.add_argument("--streaming", action="store_true", help="read the rows in order (needs --limit)")
     evaluate.add_argument(
         "--limit", type=checked(positive_int, int), help="a fixed random sample of this many rows"
     )
@@ -307,22 +326,35 @@ def _answer(chat: Chat, line: str, images: list[Any], settings: dict[str, Any]) 
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vlm.data import load_easy_vqa_rows, load_jsonl_rows
-    from vlm.evaluate import evaluate_captions, evaluate_vqa
+    from vlm.data.common import SourceUnavailable
+    from vlm.data.named import DataError, DataSpec, open_data
+    from vlm.evaluate import EVALUATORS
     from vlm.weights import check_output_file
 
     if args.out is not None:
         check_output_file(args.out, "--out")
-    if args.data == "easy-vqa":
-        if args.task != "vqa":
-            print("vlm eval: error: easy-vqa is a VQA set; use --task vqa", file=sys.stderr)
-            return 2
-        rows = load_easy_vqa_rows(args.split, limit=args.limit)
-    else:
-        rows = load_jsonl_rows(args.data, limit=args.limit)
+    columns = dict(item.partition("=")[::2] for item in args.column)
+    if bad := [item for item in args.column if "=" not in item or not all(item.partition("=")[::2])]:
+        print(f"vlm eval: error: --column {bad[0]!r}: expected FIELD=COLUMN", file=sys.stderr)
+        return 2
+    try:  # the data is checked before the model loads
+        spec = DataSpec(
+            args.task,
+            args.data,
+            args.subset,
+            args.split,
+            columns,
+            args.limit,
+            args.streaming,
+            args.image_root,
+        )
+        rows = open_data(spec).eval_rows()
+    except (DataError, SourceUnavailable) as err:
+        print(f"vlm eval: error: {err}", file=sys.stderr)
+        return 2
     args.quantize = None
     model = _load_vlm(args)
-    run = evaluate_vqa if args.task == "vqa" else evaluate_captions
+    run = EVALUATORS[args.task]
     result = run(model, rows, batch_size=args.batch_size, predictions_path=args.out, bf16=args.bf16)
     print(result.report())
     return 0

@@ -1,4 +1,5 @@
-"""Evaluate a `VisionLanguageModel` on VQA (accuracy) and captioning (BLEU-4, CIDEr-D) by greedy generation.
+"""Evaluate a `VisionLanguageModel` on VQA (accuracy), captioning (BLEU-4, CIDEr-D) and chat (the last answer
+of each conversation) by greedy generation.
 
     rows -> prompts (the question, or a fixed captioning prompt, as one user turn with the image)
          -> `VisionLanguageModel.generate_answers` (batched greedy with a shared prompt prefix and cached
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
+from vlm.generation import progress_bar
 from vlm.metrics import GroupScore, breakdown, caption_scores, exact_match, mean, vqa_accuracy
 from vlm.model import VisionLanguageModel
 from vlm.processing import ImageSource
@@ -167,11 +170,104 @@ def evaluate_captions(
     return _finish("caption", records, metrics, type_keys, "cider", start, predictions_path)
 
 
+# -- chat -----------------------------------------------------------------------------------------------------
+
+
+def evaluate_chat(
+    model: VisionLanguageModel,
+    rows: Iterable[dict[str, Any]],
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+    predictions_path: str | Path | None = None,
+    bf16: bool = False,
+    type_keys: Sequence[str] = (),
+) -> EvalResult:
+    """The last assistant turn of each conversation, generated greedily after the turns before it: rows of
+    {"messages" (ending with a user turn), "reference"} (`vlm.data.named.Rows.eval_rows` of a chat source).
+    Metrics: `accuracy` (the normalised answer equals the reference, as VQA's exact match), BLEU-4 and
+    CIDEr-D against the reference. `predictions_path` as in `evaluate_vqa`."""
+    if predictions_path is not None:
+        check_output_file(predictions_path, "the predictions file")
+    start = time.perf_counter()
+    rows = _check_rows(rows, ("messages", "reference"), "messages", type_keys, image_key=None)
+    model.generation_kwargs(max_new_tokens=max_new_tokens)  # validates before any work
+    predictions = [""] * len(rows)
+    # Rows with and without images apart (the adapter may be off for text: `adapter_on_text`), each group
+    # longest first so a batch holds conversations of about one length.
+    groups = (
+        [i for i, r in enumerate(rows) if _has_image(r["messages"])],
+        [i for i, r in enumerate(rows) if not _has_image(r["messages"])],
+    )
+    bar = progress_bar(len(rows), "chat", progress)
+    autocast = torch.autocast(model.lm.device.type, dtype=torch.bfloat16, enabled=bf16)
+    try:
+        for group in groups:
+            order = sorted(group, key=lambda i: -len(json.dumps(rows[i]["messages"], default=str)))
+            for first in range(0, len(order), batch_size):
+                batch = order[first : first + batch_size]
+                with autocast:
+                    texts = model.generate(
+                        [rows[i]["messages"] for i in batch], max_new_tokens=max_new_tokens
+                    )
+                for i, text in zip(batch, texts, strict=True):
+                    predictions[i] = text.strip()
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    references = [[str(row["reference"])] for row in rows]
+    scores = caption_scores(predictions, references)
+    records = [
+        {
+            "messages": _printable(row["messages"]),
+            "reference": refs[0],
+            "prediction": prediction,
+            "correct": float(exact_match(prediction, refs)),
+            "bleu4": bleu,
+            "cider": cider,
+            **{key: row[key] for key in type_keys if row.get(key) is not None},
+        }
+        for row, refs, prediction, bleu, cider in zip(
+            rows, references, predictions, scores.bleu4_per_item, scores.cider_per_item, strict=True
+        )
+    ]
+    metrics = {"accuracy": mean(r["correct"] for r in records), "bleu4": scores.bleu4, "cider": scores.cider}
+    return _finish("chat", records, metrics, type_keys, "correct", start, predictions_path)
+
+
+def _has_image(messages: Sequence[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
+        for m in messages
+    )
+
+
+def _printable(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for the predictions file: an image part keeps its path; in-memory images become "<image>"."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image", **_image_field(p["image"])} if p["type"] == "image" else p for p in content
+            ]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+# Evaluation by data kind (`vlm.data.named`): what `vlm eval` and fine-tuning's `data.eval` run.
+EVALUATORS = {"vqa": evaluate_vqa, "caption": evaluate_captions, "chat": evaluate_chat}
+
+
 # -- shared ---------------------------------------------------------------------------------------------------
 
 
 def _check_rows(
-    rows: Iterable[dict[str, Any]], required: Sequence[str], list_key: str, type_keys: Sequence[str]
+    rows: Iterable[dict[str, Any]],
+    required: Sequence[str],
+    list_key: str,
+    type_keys: Sequence[str],
+    image_key: str | None = "image",
 ) -> list[dict[str, Any]]:
     """The rows as plain dicts of the keys used here, with clear errors for missing or malformed values.
 
@@ -185,12 +281,13 @@ def _check_rows(
             )
         if isinstance(row[list_key], str) or not row[list_key]:
             raise ValueError(f"row {n}: {list_key!r} must be a non-empty list of strings")
-        image = row["image"]
-        if isinstance(image, Image.Image) and getattr(image, "filename", ""):
-            image = image.filename
-        slim.append(
-            {key: row[key] for key in (*required, *type_keys) if row.get(key) is not None} | {"image": image}
-        )
+        kept = {key: row[key] for key in (*required, *type_keys) if row.get(key) is not None}
+        if image_key is not None:
+            image = row[image_key]
+            if isinstance(image, Image.Image) and getattr(image, "filename", ""):
+                image = image.filename
+            kept[image_key] = image
+        slim.append(kept)
     if not slim:
         raise ValueError("nothing to evaluate: no rows")
     return slim
@@ -232,7 +329,9 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
 __all__ = [
     "DEFAULT_CAPTION_PROMPT",
     "EvalResult",
+    "EVALUATORS",
     "evaluate_captions",
+    "evaluate_chat",
     "evaluate_vqa",
     "write_jsonl",
 ]

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +48,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def epoch_order(sizes: list[int], weights: list[float], epoch: int, seed: int) -> list[tuple[int, int]]:
+def epoch_order(
+    sizes: list[int], weights: list[float], epoch: int, seed: int, sequential: Collection[int] = ()
+) -> list[tuple[int, int]]:
     """(source, row) pairs for one epoch: each source repeated or subsampled by its weight, shuffled by a
-    seed that depends only on (seed, epoch) — so any data position can be recomputed on resume."""
+    seed that depends only on (seed, epoch) — so any data position can be recomputed on resume.
+
+    A `sequential` source (a stream, read in order) keeps its share of the shuffled places, but its rows fill
+    them in order: 0, 1, 2, ... (wrapping around when its weight is above 1)."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = []
     for s, (size, weight) in enumerate(zip(sizes, weights, strict=True)):
@@ -58,14 +63,22 @@ def epoch_order(sizes: list[int], weights: list[float], epoch: int, seed: int) -
         rows = list(range(size)) * whole + rng.sample(range(size), round(size * part))
         order += [(s, r) for r in rows]
     rng.shuffle(order)
+    if sequential:
+        taken = dict.fromkeys(sequential, 0)
+        for i, (s, _) in enumerate(order):
+            if s in taken:
+                order[i] = (s, taken[s] % sizes[s])
+                taken[s] += 1
     return order
 
 
 class Stream:
     """Global micro-batches of (source, row) pairs, addressable by position for exact resumption."""
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int) -> None:
-        self.sizes, self.weights, self.seed = sizes, weights, seed
+    def __init__(
+        self, sizes: list[int], weights: list[float], seed: int, sequential: Collection[int] = ()
+    ) -> None:
+        self.sizes, self.weights, self.seed, self.sequential = sizes, weights, seed, tuple(sequential)
         self.epoch_len = len(epoch_order(sizes, weights, 0, seed))
         if self.epoch_len == 0:
             raise ValueError("the training data is empty")
@@ -77,7 +90,10 @@ class Stream:
         for p in range(position, position + n):
             epoch, index = divmod(p, self.epoch_len)
             if self._cache is None or self._cache[0] != epoch:
-                self._cache = (epoch, epoch_order(self.sizes, self.weights, epoch, self.seed))
+                self._cache = (
+                    epoch,
+                    epoch_order(self.sizes, self.weights, epoch, self.seed, self.sequential),
+                )
             out.append(self._cache[1][index])
         return out
 
@@ -414,8 +430,10 @@ def run_script(argv: list[str], doc: str, config_class: type, train: Callable[..
     path, overrides = (None, args) if args[0].startswith("--") else (args[0], args[1:])
     try:
         train(load_config(config_class, path, overrides), resume)
-    except ValueError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    except ValueError as err:  # one line per problem (a data section may have several), whitespace squashed
+        for line in str(err).splitlines() or [""]:
+            if line.strip() or len(str(err).splitlines()) <= 1:
+                print(f"error: {' '.join(line.split())}", file=sys.stderr)
         return 2
     return 0
 
