@@ -47,7 +47,7 @@ from peft import LoraConfig, get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlm.data import load_easy_vqa_rows, to_conversation  # noqa: E402
+from vlm.data import DataSpec, open_data  # noqa: E402
 from vlm.lm import DEFAULT_LM, resolve_lm_source  # noqa: E402
 from vlm.lora import LoraSettings, add_lora  # noqa: E402
 from vlm.model import DEFAULT_CONFIG, Batch, VisionLanguageModel, VLMConfig  # noqa: E402
@@ -132,8 +132,8 @@ def copy_weights(ours: VisionLanguageModel, llava: torch.nn.Module) -> None:
 
 
 def make_batch(model: VisionLanguageModel, size: int) -> Batch:
-    rows = load_easy_vqa_rows("train", limit=size, seed=0)
-    return model.prepare([to_conversation(row) for row in rows])
+    rows = open_data(DataSpec("vqa", "easy-vqa", split="train", limit=size))
+    return model.prepare([rows.conversation(i) for i in range(len(rows))])
 
 
 def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -34,7 +34,7 @@ from vlm.config import (
     Rule,
     load_config,
 )
-from vlm.data import from_jsonl_vqa, skip_report
+from vlm.data import BadRow, DataSpec, open_data
 
 ft = load_script("finetune")
 pt = load_script("pretrain_siglip")
@@ -283,10 +283,12 @@ def hostile_rows(tmp_path) -> Path:
 
 
 def test_reading_refuses_an_image_field_that_is_no_path(hostile_rows) -> None:
-    rows = from_jsonl_vqa(hostile_rows)
-    report = skip_report(rows)
-    assert dict(report.reasons) == {"image not a path": 1, "missing image": 1} and report.kept == 5
-    assert any("123" in e for e in report.examples["image not a path"])
+    rows = open_data(DataSpec("vqa", str(hostile_rows)))
+    with pytest.raises(BadRow, match="no image: 123"):
+        rows.conversation(3)
+    # an unreadable file is found when it is read: for training when its batch is built, here for evaluation
+    assert [r["question"] for r in rows.eval_rows()] == ["colour 0?", "colour 1?", "colour 2?"]
+    assert dict(rows.eval_report.reasons) == {"unreadable image": 3, "no image": 1}
 
 
 @pytest.mark.parametrize("batch_size", [4, 1])  # 1: a micro-batch of only a bad row borrows the next good one

@@ -20,13 +20,9 @@ from vlm.data import (
     from_folder,
     from_hf_dataset,
     from_jsonl,
-    from_jsonl_vqa,
-    load_jsonl_rows,
     mix,
     skip_report,
     split,
-    to_conversation,
-    undecoded,
 )
 
 datasets.disable_progress_bars()
@@ -274,79 +270,6 @@ def test_from_hf_dataset_with_path_column(tmp_path: Path) -> None:
     dataset = from_hf_dataset(local, image_root=tmp_path)
     assert _rows(dataset) == [((5, 6, 7), "there")]
     assert dict(skip_report(dataset).reasons) == {"missing file": 1}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# VQA rows
-
-
-def test_jsonl_rows_resolve_relative_images(tmp_path) -> None:
-    (tmp_path / "data.jsonl").write_text(
-        '{"image": "img/a.png", "question": "q", "answers": ["a"]}\n\n{"image": "/abs/b.png", "question": "r", "answers": ["b"]}\n'
-    )
-    rows = load_jsonl_rows(tmp_path / "data.jsonl")
-    assert [r["image"] for r in rows] == [str(tmp_path / "img" / "a.png"), "/abs/b.png"]
-    sample = load_jsonl_rows(tmp_path / "data.jsonl", limit=1, seed=0)
-    assert len(sample) == 1 and sample[0] in rows
-    (tmp_path / "typed.jsonl").write_text(
-        '{"image": "a.png", "question": "q", "answers": ["a"], "question_type": "what color", "answer_type": "other"}\n'
-    )
-    row = load_jsonl_rows(tmp_path / "typed.jsonl")[0]  # VQAv2's two breakdowns both stay
-    assert (row["question_type"], row["answer_type"]) == ("what color", "other")
-    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
-        load_jsonl_rows(tmp_path / "bad.jsonl")
-
-
-def test_jsonl_vqa_training_rows_skip_bad_ones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
-    lines = [
-        {"image": "a.png", "question": "what?", "answers": ["red", "red", "blue"], "question_type": "color"},
-        {"image": "a.png", "question": "and?", "answer": "yes", "answer_type": "yes/no"},  # the older names
-        {
-            "image": "a.png",
-            "question": "vqa?",
-            "answers": [{"answer": "two"}, {"answer": " "}],
-        },  # VQAv2 style
-        {"image": "gone.png", "question": "where?", "answers": ["x"]},
-        {"image": "a.png", "question": " ", "answers": ["x"]},
-        {"image": "a.png", "question": "none?", "answers": []},
-    ]
-    (tmp_path / "vqa.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\nnot json\n")
-    with caplog.at_level(logging.WARNING, logger="vlm.data"):
-        rows = from_jsonl_vqa(tmp_path / "vqa.jsonl")
-    assert rows["question_type"] == ["color", "yes/no", ""] and rows["answers"][2] == ["two"]
-    assert rows[0]["image"].size == (24, 16)
-    summary = (
-        "vqa.jsonl: skipped 4 of 7 rows: 1 empty question, 1 malformed line, 1 missing image, 1 no answer"
-    )
-    assert skip_report(rows).summary() == summary and summary in caplog.text
-
-
-def test_jsonl_vqa_refuses_an_image_that_is_no_path_and_leaves_decoding_to_training(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
-    (tmp_path / "empty.png").write_bytes(b"")  # found unreadable only when a batch loads it
-    lines = [
-        {"image": "a.png", "question": "q", "answers": ["a"]},
-        {"image": "empty.png", "question": "q", "answers": ["b"]},
-    ]
-    lines += [
-        {"image": bad, "question": "q", "answers": ["a"]}
-        for bad in (123, ["a.png"], {"path": "a.png"}, "  ", True)
-    ]
-    (tmp_path / "vqa.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
-    rows = from_jsonl_vqa(tmp_path / "vqa.jsonl")
-    assert skip_report(rows).summary() == "vqa.jsonl: skipped 5 of 7 rows: 5 image not a path"
-    assert any("123" in e for e in skip_report(rows).examples["image not a path"])
-    lazy = undecoded(rows)
-    cells = lazy["image"]
-    assert cells[1] == {"bytes": None, "path": str(tmp_path / "empty.png")}  # nothing was decoded
-    assert to_conversation(lazy[1])[0]["content"][0]["image"] == str(tmp_path / "empty.png")
-    assert (
-        to_conversation({"image": {"bytes": b"png", "path": "x.png"}, "text": "t"})[0]["content"][0]["image"]
-        == b"png"
-    )
-    assert undecoded(lazy) is lazy and rows[0]["image"].size == (24, 16)  # the reader's own rows still decode
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,8 +33,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from vlm.data.named import BadRow, DataError, DataSpec, Rows, open_data
-from vlm.data.vqa import CAPTION_PROMPTS
+from vlm.data.named import CAPTION_PROMPTS, BadRow, DataError, DataSpec, Rows, open_data
 
 datasets.disable_progress_bars()
 

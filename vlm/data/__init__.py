@@ -2,11 +2,10 @@
 
 - `common`: what the builders share: held-out splits and samples by hash, image encoding, skip reports, and
   `build_rows`, the one map-filter-cache step every builder ends in;
-- `files`: your own data: caption pairs from JSONL, folders and Hugging Face datasets; VQA rows from JSONL;
+- `files`: your own caption pairs for pretraining, from JSONL, folders and Hugging Face datasets;
 - `emoji`, `openclipart`, `flags`, `fashion_mnist`, `easy_vqa`: the packaged offline sources, each with the
   same `build(split, size, limit, ...)`; `easy_vqa` also gives its questions as VQA rows;
 - `sources`: the sources by name (`SOURCES`), mixing and splitting;
-- `vqa`: rows as chat messages for fine-tuning;
 - `named`: data as a config names it (a packaged source, a file, a folder or a hub id, of kind vqa, caption or
   chat: VQAv2, several captions an image, LLaVA-Instruct, transformers' chat format, the Cauldron), as
   conversations for fine-tuning and rows for `vlm eval`.
@@ -32,10 +31,9 @@ from vlm.data.easy_vqa import (
     load_easy_vqa_rows,
 )
 from vlm.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_PHRASES, FASHION_MNIST_TEMPLATES
-from vlm.data.files import from_folder, from_hf_dataset, from_jsonl, from_jsonl_vqa, load_jsonl_rows
+from vlm.data.files import from_folder, from_hf_dataset, from_jsonl
 from vlm.data.named import BadRow, DataError, DataSpec, Rows, open_data
 from vlm.data.sources import SOURCES, TrainEval, build_mixture, mix, split
-from vlm.data.vqa import VQA_FEATURES, to_conversation
 
 __all__ = [
     "EASY_VQA_COLORS",
@@ -50,7 +48,6 @@ __all__ = [
     "DataError",
     "DataSpec",
     "Rows",
-    "VQA_FEATURES",
     "SkipReport",
     "SourceUnavailable",
     "TrainEval",
@@ -63,13 +60,10 @@ __all__ = [
     "from_folder",
     "from_hf_dataset",
     "from_jsonl",
-    "from_jsonl_vqa",
     "load_easy_vqa_rows",
-    "load_jsonl_rows",
     "mix",
     "open_data",
     "skip_report",
     "split",
-    "to_conversation",
     "undecoded",
 ]

@@ -1,5 +1,5 @@
-"""Readers of your own data: image–caption pairs from a JSONL file, a folder or any Hugging Face dataset, and
-VQA rows from a JSONL file.
+"""Readers of image–caption pairs for contrastive pretraining: from a JSONL file, a folder or any Hugging Face
+dataset (fine-tuning and evaluation name their data through `vlm.data.named`).
 
 A caption pair loader returns a `datasets.Dataset` with the columns image (RGB, optionally pre-resized to
 `size` x `size`), text (one caption: a row with several becomes several pairs, or one) and source (the
@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import random
-import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,16 +26,12 @@ from vlm.data.common import (
     EMPTY_CAPTION,
     MALFORMED_LINE,
     MISSING_KEY,
-    NOT_A_PATH,
     PAIR_FEATURES,
     Skip,
     SkipReport,
     build_rows,
-    random_sample,
     read_image,
-    with_report,
 )
-from vlm.data.vqa import VQA_FEATURES
 from vlm.processing import IMAGE_EXTENSIONS
 
 CaptionPolicy = Literal["all", "first", "random"]
@@ -320,74 +315,3 @@ def _hf_image(value: object, root: Path) -> str | bytes | None:
     if isinstance(value, str) and value.strip():
         return str(root / Path(value.strip()).expanduser())
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# VQA rows
-
-
-def from_jsonl_vqa(
-    path: str | Path, image_key: str = "image", question_key: str = "question", answers_key: str = "answers"
-) -> datasets.Dataset:
-    """Training rows (`VQA_FEATURES`) from a JSONL of {"image": path (relative to the file's folder, or
-    absolute), "question": ..., "answers": [...] (or "answer": "..."), "question_type" (or "answer_type"):
-    ... (optional)}. A row whose image is missing or not a path string, with an empty question or no answer
-    is counted and skipped. Only that much is checked here (listing a million rows stays fast): a file that
-    is there but unreadable (empty, truncated, a decompression bomb) is found when a training batch loads it
-    (`load_image`), and skipped there."""
-    path = Path(path)
-    report = SkipReport(path.name)
-    rows = []
-    for number, record in read_jsonl(path):
-        if isinstance(record, str):
-            report.add(MALFORMED_LINE, f"line {number}: {record}")
-            continue
-        image, question = record.get(image_key), str(record.get(question_key) or "").strip()
-        answers = _answers(record.get(answers_key, record.get("answer")))
-        if image is not None and (not isinstance(image, str) or not image.strip()):
-            # JSON gives no bytes: anything but a path string (a number, a list, an object) is unusable
-            report.add(NOT_A_PATH, f"line {number}: {image_key!r} is {reprlib.repr(image)}")
-            continue
-        if isinstance(image, str) and not Path(image).is_absolute():
-            image = str(path.parent / image)
-        if image is None or not Path(image).is_file():
-            report.add("missing image", f"line {number}: {image}")
-        elif not question:
-            report.add("empty question", f"line {number}")
-        elif not answers:
-            report.add("no answer", f"line {number}")
-        else:
-            kind = record.get("question_type") or record.get("answer_type") or ""
-            rows.append(
-                {"image": image, "question": question, "answers": answers, "question_type": str(kind)}
-            )
-    report.total += len(rows)
-    if report.skipped:
-        report.log()
-    return with_report(datasets.Dataset.from_list(rows, features=VQA_FEATURES), report)
-
-
-def _answers(value: Any) -> list[str]:
-    """A string, a list of strings, or VQAv2's list of {"answer": ...} dicts -> non-empty answer strings."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        return []
-    out = [str(a.get("answer", "")) if isinstance(a, dict) else str(a) for a in value]
-    return [a.strip() for a in out if a and a.strip()]
-
-
-def load_jsonl_rows(path: str | Path, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Evaluation rows from a JSON-lines file, one object a line, as they are (VQAv2's "question_type" and
-    "answer_type" are two breakdowns and both stay); a relative "image" path is taken from the file's folder.
-    Blank lines are skipped; a line that is not a JSON object is an error naming the line. With `limit`, a fixed
-    random sample of that many rows (by `seed`), in file order."""
-    path = Path(path)
-    rows = []
-    for number, row in read_jsonl(path):
-        if isinstance(row, str):
-            raise ValueError(f"{path}:{number}: {row}")
-        if isinstance(row.get("image"), str) and not Path(row["image"]).is_absolute():
-            row["image"] = str(path.parent / row["image"])
-        rows.append(row)
-    return random_sample(rows, limit, seed)

@@ -57,7 +57,6 @@ from datasets import Image as ImageFeature
 
 from vlm.conversation import Message, user
 from vlm.data.common import SkipReport, random_sample, skip_report
-from vlm.data.vqa import CAPTION_PROMPTS
 from vlm.generation import image_key
 from vlm.processing import ImageLoadError, load_image
 
@@ -85,6 +84,11 @@ LLAVA_ROLES = {
     "system": "system",
 }
 IMAGE_TAG = "<image>"
+CAPTION_PROMPTS = (  # a caption row's user turn: one of these, drawn per visit
+    "Describe the image in one sentence.",
+    "What is in this picture?",
+    "Write a short caption for this image.",
+)
 
 
 class DataError(ValueError):
