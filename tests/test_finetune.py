@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from scripts import ROOT, load_script
 
 from vlm.config import dump, load_config
-from vlm.data import SOURCES, SourceUnavailable, to_conversation
+from vlm.conversation import user
+from vlm.data import SOURCES, SourceUnavailable
 from vlm.model import VisionLanguageModel
 from vlm.weights import load_vision_encoder
 
@@ -144,8 +145,7 @@ def as_args(cfg) -> list[str]:
 
 
 def one_picture_batch(model: VisionLanguageModel):
-    row = {"image": ROOT / "demo/examples/chelsea.jpg", "question": "what?", "answers": ["a"]}
-    return model.prepare([[to_conversation(row)[0]]])
+    return model.prepare([[user("what?", [ROOT / "demo/examples/chelsea.jpg"])]])
 
 
 def logits(model: VisionLanguageModel, batch) -> torch.Tensor:
@@ -358,13 +358,16 @@ def test_on_a_gpu_the_script_trains_there_as_it_does_on_the_cpu(
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_every_shipped_yaml_runs_two_steps_at_tiny_shapes(path, tmp_path, tiny_lm_folder, tower) -> None:
     """Each YAML under configs/ names its command on the first line; with its flags as they are and its sizes
-    shrunk, that script runs it for 2 steps, evaluating as the YAML asks, and saves the final model."""
+    shrunk, that script runs it for 2 steps, evaluating as the YAML asks, and saves the final model. A hub
+    dataset it names is read from a local stand-in with the hub set's columns, subsets and splits (`offline`),
+    so its `columns`, `subset`, `split` and `streaming` are exercised without a network."""
     first = path.read_text().splitlines()[0]
     assert first.startswith("# COMMAND: "), f"{path.name} must start with '# COMMAND: ...'"
     if "train/finetune.py" in first:
-        cfg = tiny(load_config(ft.FinetuneConfig, path), tmp_path, tiny_lm_folder, tower)
+        cfg = offline(load_config(ft.FinetuneConfig, path), tmp_path / "hub")
+        cfg = tiny(cfg, tmp_path, tiny_lm_folder, tower)
         ft.train(cfg)
-        evals = {"eval_accuracy"} if cfg.data.eval is not None else set()
+        evals = {EVAL_KEYS[cfg.data.eval.kind]} if cfg.data.eval is not None else set()
     elif "train/pretrain_siglip.py" in first:
         cfg = tiny_pretrain(load_config(pt.PretrainConfig, path), tmp_path)
         pt.train(cfg)
@@ -378,6 +381,167 @@ def test_every_shipped_yaml_runs_two_steps_at_tiny_shapes(path, tmp_path, tiny_l
         steps = [r["step"] for r in records(run) if key in r]
         assert steps == ([1, 2] if cfg_evaluates_mid_run(cfg) else [2]), (key, steps)
     assert (run / "final" / "config.json").is_file() and (run / "final" / "README.md").is_file()
+
+
+EVAL_KEYS = {"vqa": "eval_accuracy", "chat": "eval_accuracy", "caption": "eval_cider"}  # data.eval's kind
+
+
+def offline(cfg: ft.FinetuneConfig, folder: Path) -> ft.FinetuneConfig:
+    """`cfg` with every hub dataset its data sources name replaced by a local stand-in (`HUB_STAND_INS`) under
+    `folder`: the entry's kind, subset, split, columns, streaming and limit kept, only `name` changed."""
+
+    def local(source):
+        if not is_hub_id(source.name):
+            return source
+        if source.name not in HUB_STAND_INS:
+            pytest.fail(
+                f"{source.name}: a hub dataset with no offline stand-in; add one to HUB_STAND_INS in "
+                f"{Path(__file__).name}, with the columns, subsets and splits its dataset card lists"
+            )
+        return replace(source, name=str(HUB_STAND_INS[source.name](folder, source.subset)))
+
+    d = cfg.data
+    return replace(cfg, data=replace(d, train=tuple(map(local, d.train)), eval=d.eval and local(d.eval)))
+
+
+def is_hub_id(name: str) -> bool:
+    """Not a packaged source, an existing path or a file name: `vlm.data.named.open_data` asks the hub."""
+    from vlm.data.named import FILE_TYPES
+
+    path = Path(name).expanduser()
+    looks_local = path.suffix.lower() in FILE_TYPES or name.startswith((".", "/", "~"))
+    return (
+        name not in SOURCES and name not in ("easy-vqa", "easy_vqa") and not looks_local and not path.exists()
+    )
+
+
+def png(color: str) -> bytes:
+    """A 16x16 PNG of one colour."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+STAND_IN_COLORS = ("red", "green", "blue", "yellow", "red", "green", "blue", "yellow")  # 8 rows a split
+
+
+def hub_folder(
+    folder: Path, name: str, configs: dict[str, dict[str, str]], tables: dict[str, object]
+) -> Path:
+    """A local folder laid out like a hub dataset repository: `tables` (path -> `datasets.Dataset`) written as
+    Parquet, and a README.md whose `configs:` YAML maps each subset's splits to those files, as the hub's
+    dataset cards do; `load_dataset(folder, subset, split=...)` then reads it as it reads the hub id."""
+    root = folder / name.replace("/", "--")
+    for relative, table in tables.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(root / relative)
+    lines = ["---", "configs:"]
+    for subset, splits in configs.items():
+        lines += [f"- config_name: {subset}", "  data_files:"]
+        lines += [f"  - split: {split}\n    path: {pattern}" for split, pattern in splits.items()]
+    (root / "README.md").write_text("\n".join([*lines, "---", f"Offline stand-in for {name}.", ""]))
+    return root
+
+
+def vqav2_lmms_lab(folder: Path, subset: str | None) -> Path:
+    """lmms-lab/VQAv2's layout and columns (its dataset card: one `default` subset, splits validation, testdev
+    and test in data/<split>-*.parquet): question_type, multiple_choice_answer, answers (10 x {answer,
+    answer_confidence, answer_id}), image_id, answer_type, question_id, question, image."""
+    import datasets
+
+    assert subset in (None, "default"), f"lmms-lab/VQAv2 has one subset, default; not {subset!r}"
+    features = datasets.Features(
+        question_type=datasets.Value("string"),
+        multiple_choice_answer=datasets.Value("string"),
+        answers=datasets.List(
+            {
+                "answer": datasets.Value("string"),
+                "answer_confidence": datasets.Value("string"),
+                "answer_id": datasets.Value("int64"),
+            }
+        ),
+        image_id=datasets.Value("int64"),
+        answer_type=datasets.Value("string"),
+        question_id=datasets.Value("int64"),
+        question=datasets.Value("string"),
+        image=datasets.Image(),
+    )
+    rows = [
+        {
+            "question_type": "what color is the",
+            "multiple_choice_answer": color,
+            "answers": [
+                {
+                    "answer": color if k < 8 else f"dark {color}",
+                    "answer_confidence": "yes",
+                    "answer_id": k + 1,
+                }
+                for k in range(10)
+            ],
+            "image_id": i,
+            "answer_type": "other",
+            "question_id": 1000 * i,
+            "question": "What color is the picture?",
+            "image": {"bytes": png(color), "path": None},
+        }
+        for i, color in enumerate(STAND_IN_COLORS)
+    ]
+    table = datasets.Dataset.from_list(rows, features=features)
+    splits = ("validation", "testdev", "test")
+    return hub_folder(
+        folder,
+        "lmms-lab/VQAv2",
+        {"default": {s: f"data/{s}-*" for s in splits}},
+        {f"data/{s}-00000-of-00001.parquet": table for s in splits},
+    )
+
+
+def the_cauldron(folder: Path, subset: str | None) -> Path:
+    """HuggingFaceM4/the_cauldron's layout and columns (its dataset card: one subset per source set, each
+    with a train split only in <subset>/train-*.parquet): images (a list of images) and texts (a list of
+    {user, assistant, source} turns). The text is made up; the columns are the card's."""
+    import datasets
+
+    assert subset is not None, "the_cauldron needs a subset (vqav2, ai2d, ...)"
+    features = datasets.Features(
+        images=datasets.List(datasets.Image()),
+        texts=datasets.List(
+            {
+                "user": datasets.Value("string"),
+                "assistant": datasets.Value("string"),
+                "source": datasets.Value("string"),
+            }
+        ),
+    )
+    rows = [
+        {
+            "images": [{"bytes": png(color), "path": None}],
+            "texts": [
+                {
+                    "user": "What color is the picture?",
+                    "assistant": f"{color.capitalize()}.",
+                    "source": subset,
+                },
+                {"user": "Is it one color?", "assistant": "Yes.", "source": subset},
+            ],
+        }
+        for color in STAND_IN_COLORS
+    ]
+    table = datasets.Dataset.from_list(rows, features=features)
+    return hub_folder(
+        folder,
+        "HuggingFaceM4/the_cauldron",
+        {subset: {"train": f"{subset}/train-*"}},
+        {f"{subset}/train-00000-of-00001.parquet": table},
+    )
+
+
+# hub id -> a function (folder, subset) writing its stand-in and returning the folder to name instead
+HUB_STAND_INS = {"lmms-lab/VQAv2": vqav2_lmms_lab, "HuggingFaceM4/the_cauldron": the_cauldron}
 
 
 def cfg_evaluates_mid_run(cfg) -> bool:

@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--streaming", action="store_true", help="read the rows in order (needs --limit)")
     evaluate.add_argument(
-        "--limit", type=checked(positive_int, int), help="a fixed random sample of this many rows"
+        "--limit",
+        type=checked(positive_int, int),
+        help="a fixed random sample of this many rows (streamed: the first rows)",
     )
     evaluate.add_argument("--batch-size", type=checked(positive_int, int), default=64)
     evaluate.add_argument("--out", help="write one JSON line per prediction here")
