@@ -2,12 +2,18 @@
 
     python bench/demo_load.py                       # starts the demo (default model) on a free local port
     python bench/demo_load.py --url http://127.0.0.1:7860/ --clients 20 --requests 3 --max-new-tokens 32
+    python bench/demo_load.py --smoke               # a tiny random model, 2 clients: the same path in seconds
 
 Each client streams every answer from `/ask_stream`, so it measures what a user waits for: latency
 (submit -> last piece), time to first token (submit -> first non-empty piece; waiting included: the demo
 batches concurrent questions, and a question that arrives while a batch decodes joins it at the next token)
 and throughput (answers per minute of wall time). The run fails (exit 1)
 unless every request was answered.
+
+`--smoke` serves a tiny random model of the default's design (a 2-layer Llama with SmolLM2's tokenizer, a
+32-wide tower, pixel shuffle and the pooled token) to 2 clients, 1 question each, 4 new tokens: the same
+server, clients and table in seconds, so tests/test_bench.py can check that the benchmark still runs. Its
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from gradio_client import Client, handle_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from demo.app import EXAMPLES, launch
+from demo.app import EXAMPLES, ModelInfo, launch
+from vlm.lm import DEFAULT_LM, resolve_lm_source
+from vlm.model import DEFAULT_CONFIG, VisionLanguageModel
+from vlm.siglip import SiglipVisionConfig
 
 
 @dataclass
@@ -60,6 +71,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def smoke_model() -> VisionLanguageModel:
+    """The default model's design (pixel shuffle f=2, pooled token, its system prompt) at a tiny random
+    size: a 2-layer Llama with SmolLM2's tokenizer (the one file read: no GGUF weights, no default model)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_source(DEFAULT_LM))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    tower = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )  # fmt: skip
+    projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=32, text_hidden_size=48)
+    return VisionLanguageModel.build(
+        replace(DEFAULT_CONFIG, vision=tower, projector=projector), lm=(lm, tokenizer)
+    )
+
+
 def run(url: str, clients: int, requests: int, max_new_tokens: int) -> list[Result]:
     """`clients` threads, each with its own Client (its own session), each asking `requests` questions."""
     barrier = threading.Barrier(clients)
@@ -73,16 +104,31 @@ def run(url: str, clients: int, requests: int, max_new_tokens: int) -> list[Resu
         return [result for batch in pool.map(one_client, range(clients)) for result in batch]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", help="a running demo; without it one is started here")
     parser.add_argument("--model", help="model folder for the demo started here (default: the project's)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=3, help="questions per client, one after another")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--clients", type=int, default=None, help="default 8, --smoke 2")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="questions per client, one after another (default 3, --smoke 1)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 32, --smoke 4")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="serve a tiny random model to 2 clients: checks the benchmark runs (seconds), measures nothing",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke and (args.url or args.model):
+        parser.error("--smoke serves its own tiny model: it takes neither --url nor --model")
+    args.clients = args.clients or (2 if args.smoke else 8)
+    args.requests = args.requests or (1 if args.smoke else 3)
+    args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 32)
 
     app = None
     url = args.url
@@ -90,7 +136,11 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        app, url = launch(args.model, port=port, block=False)
+        if args.smoke:
+            info = ModelInfo("tiny random model (smoke run: its figures mean nothing)", "nothing")
+            app, url = launch(model=smoke_model(), model_info=info, port=port, block=False)
+        else:
+            app, url = launch(args.model, port=port, block=False)
     try:
         # One warm-up answer: the first generate pays one-off costs (allocations, kernel selection).
         ask(Client(url, verbose=False), 0, 4)

