@@ -1,6 +1,7 @@
 """The Gradio demo: chat with images, and see what the vision encoder sees.
 
     python demo/app.py [--model DIR_OR_ID] [--host 127.0.0.1] [--port 7860] [--share] [--siglip DIR]
+                       [--device auto|cpu|cuda|cuda:N|mps] [--dtype auto|float32|bfloat16|float16]
     (also `vlm demo` and `make demo`, with the same flags)
 
 One page around one loaded `VisionLanguageModel` (`build_app` wires components to `demo.handlers`; `launch`
@@ -20,19 +21,24 @@ Deliberate choices
   in its upload folder) and our loader says what is wrong. Uploads are deleted once read; what Gradio
   itself keeps (the chat's copies, uploads nobody sent) goes on the `delete_cache` schedule.
 - Loopback by default: `--host 0.0.0.0` or `--share` expose the demo on purpose.
+- The GPU when there is one (`--device auto`), in bfloat16 where it has it (`--dtype auto`): the models load
+  there and the batched generator runs where the model is.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import torch
 
 from demo.handlers import DISPLAY_SIZE, MAX_IMAGE_PIXELS, MAX_NEW_TOKENS, DualEncoder, Handlers, Settings
+from vlm.devices import DTYPES, resolve_device, resolve_dtype
 from vlm.model import DEFAULT_MODEL_DIR, VisionLanguageModel, load_default_model
 from vlm.zeroshot import DEFAULT_SIGLIP_DIR, DEFAULT_TEMPLATES, load_dual_encoder
 
@@ -321,15 +327,21 @@ def build_app(
 # -- serving -----------------------------------------------------------------------------------------------------
 
 
-def load_model(model_dir: str | None = None) -> tuple[VisionLanguageModel, ModelInfo]:
-    """The model to serve and its description: a saved VLM folder (or hub id), else the project default."""
+def load_model(
+    model_dir: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[VisionLanguageModel, ModelInfo]:
+    """The model to serve and its description: a saved VLM folder (or hub id), else the project default, on
+    `device` (None: the CPU) in `dtype`."""
     if model_dir is None:
         shipped = (DEFAULT_MODEL_DIR / "config.json").is_file()
-        return load_default_model(), describe_model(DEFAULT_MODEL_DIR if shipped else None)
+        info = describe_model(DEFAULT_MODEL_DIR if shipped else None)
+        return load_default_model(dtype, device=device), info
     from vlm.weights import resolve_checkpoint
 
     folder = resolve_checkpoint(model_dir)
-    return VisionLanguageModel.from_pretrained(folder), describe_model(folder)
+    return VisionLanguageModel.from_pretrained(folder, dtype=dtype, device=device), describe_model(folder)
 
 
 def launch(
@@ -344,22 +356,30 @@ def launch(
     block: bool = True,
     max_file_size: str | int = MAX_FILE_SIZE,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    device: torch.device | str | None = "auto",
+    dtype: torch.dtype | str | None = "auto",
 ) -> tuple[gr.Blocks, str]:
     """Load the model once (unless `model` is given), build the app and serve it; returns (app, URL).
 
     Binds `host` (loopback unless asked otherwise) and `port`. `siglip_dir` names a SigLIP dual encoder
     (with its tokenizer) for the zero-shot box; when the model is loaded here and none is named, the shipped
-    one (`vlm/default_siglip/`) if present. With `block=False` returns at once, the server running in a
-    background thread (tests; stop it with `app.close()`)."""
+    one (`vlm/default_siglip/`) if present. Models loaded here go to `device` ("auto": the GPU when one is
+    visible; `vlm.devices.resolve_device`) in `dtype` ("auto": bfloat16 on a GPU that has it, else float32;
+    the dual encoder stays float32); a given `model` stays where it is, and the dual encoder goes there.
+    With `block=False` returns at once, the server running in a background thread (tests; stop it with
+    `app.close()`)."""
     if model is None:
-        print(f"Loading the model ({model_dir or 'project default'})…", flush=True)
+        device = resolve_device(device)
+        print(f"Loading the model ({model_dir or 'project default'}) on {device}…", flush=True)
         start = time.perf_counter()
-        model, model_info = load_model(model_dir)
+        model, model_info = load_model(model_dir, device, resolve_dtype(dtype, device))
         print(f"Model loaded in {time.perf_counter() - start:.1f} s.", flush=True)
         if siglip_dir is None and (DEFAULT_SIGLIP_DIR / "config.json").is_file():
             siglip_dir = str(DEFAULT_SIGLIP_DIR)
+    else:
+        device = model.lm.device  # a given model stays where it is, and the dual encoder joins it
     if siglip_dir is not None:
-        dual_encoder = load_dual_encoder(siglip_dir)
+        dual_encoder = load_dual_encoder(siglip_dir, device=device)
     handlers = Handlers(model, dual_encoder, max_image_pixels)
     app = build_app(handlers, model_info)
     _, url, share_url = app.launch(
@@ -402,8 +422,27 @@ def main(argv: list[str] | None = None) -> int:
         "--siglip",
         help="a SigLIP dual encoder folder (with its tokenizer) for zero-shot labels (default: the shipped one)",
     )
+    # Given only when set: `launch`'s own defaults ("auto") are the demo's.
+    parser.add_argument(
+        "--device",
+        default=argparse.SUPPRESS,
+        help="auto (the default: cuda when a GPU is visible, else mps, else cpu), cpu, cuda, cuda:N or mps",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default=argparse.SUPPRESS,
+        help="auto (the default): bfloat16 on a CUDA GPU that has it, else float32",
+    )
     args = parser.parse_args(argv)
-    launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip)
+    chosen = {name: getattr(args, name) for name in ("device", "dtype") if name in args}
+    try:  # a device this machine lacks: one line, before anything loads
+        if "device" in chosen:
+            chosen["device"] = resolve_device(chosen["device"], "--device")
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip, **chosen)
     return 0
 
 

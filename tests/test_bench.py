@@ -127,3 +127,18 @@ def test_train_step_smoke_on_the_gpu(capsys) -> None:
     assert lines_matching(out, r"^model +seq +trainable +samples/s +tokens/s +vs LLaVA +GPU loaded")
     assert lines_matching(out, r"^ours \(mlp, 16 tokens\) ")
 
+
+def test_pipeline_smoke_prints_its_table_and_verdict(capsys) -> None:
+    from needs import missing
+
+    from vlm.data import SourceUnavailable
+
+    try:
+        bench("pipeline").main(["--smoke"])
+    except SourceUnavailable as err:
+        missing(str(err))
+    out = capsys.readouterr().out
+    for row in ("prepare (reference)", "pipeline, cold", "pipeline, warm", "pipeline, 1 workers, cold"):
+        assert lines_matching(out, rf"^{re.escape(row)} +[\d,]+ +\d+\.\d\dx$"), row
+    assert lines_matching(out, r"^model step \(this CPU, consumes\) +[\d,.]+$")
+    assert lines_matching(out, r"one worker / GPU target \(1,500/s\): [\d.]+x; 8 workers: [\d.]+x")

@@ -25,6 +25,7 @@ from vlm.config import dump, load_config
 from vlm.conversation import IGNORE_INDEX
 from vlm.data.named import DataSpec, open_data
 from vlm.model import VisionLanguageModel
+from vlm.pipeline import StepBatches
 
 ft = load_script("finetune")
 datasets.disable_progress_bars()
@@ -186,24 +187,21 @@ def finetune_config(
 
 
 def test_a_run_over_every_format_trains_on_each_and_counts_its_bad_rows(
-    user_data, tiny_lm_folder, tmp_path, capsys
+    user_data, tiny_lm_folder, tmp_path, capsys, monkeypatch
 ) -> None:
     train = list(user_data.values())
     drawn: dict[int, set[int]] = {}
-    conversation_of = ft.conversation_of
+    conversation = StepBatches.conversation
 
-    def recording(run, key):  # noqa: ANN001, ANN202
+    def recording(self, step, key):  # noqa: ANN001, ANN202
         drawn.setdefault(key[0], set()).add(key[1])
-        return conversation_of(run, key)
+        return conversation(self, step, key)
 
+    monkeypatch.setattr(StepBatches, "conversation", recording)  # batches are built in this process on a CPU
     sizes = [len(open_data(ft.Source(**entry).spec())) for entry in train]
     steps = -(-sum(sizes) // 4)  # one epoch: every row of every set drawn once
     cfg = finetune_config(tmp_path, tiny_lm_folder, train, user_data["llava"], steps=steps)
-    ft.conversation_of = recording
-    try:
-        ft.train(cfg)
-    finally:
-        ft.conversation_of = conversation_of
+    ft.train(cfg)
     log = capsys.readouterr().out
     assert {s: len(rows) for s, rows in drawn.items()} == dict(enumerate(sizes))  # every row of every format
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -65,3 +65,92 @@ def test_the_shipped_model_answers_on_cuda_as_on_the_cpu(default_model) -> None:
     assert gpu.ask(None, "What is the capital of France?", max_new_tokens=20) == default_model.ask(
         None, "What is the capital of France?", max_new_tokens=20
     )
+
+
+# -- --device: the commands put their models on the GPU by default (tests/test_devices.py on the CPU) ---------------
+
+
+@pytest.fixture(scope="module")
+def device_files(parts, tmp_path_factory):
+    from test_devices import write_files
+
+    return write_files(parts, tmp_path_factory.mktemp("gpu_devices"))
+
+
+@pytest.mark.parametrize("command", ["embed", "viz", "ask", "chat", "eval", "zeroshot", "demo"])
+def test_every_command_runs_on_the_gpu_by_default(command, device_files, tmp_path, monkeypatch) -> None:
+    import io
+    import sys
+
+    from test_devices import NoPage, argv_of, spy
+
+    from vlm.cli import main
+    from vlm.devices import default_dtype
+
+    calls = spy(monkeypatch, command)
+    if command == "chat":
+        monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    if command == "demo":
+        import demo.app
+
+        monkeypatch.setattr(demo.app, "build_app", lambda handlers, info: NoPage())
+    assert main(argv_of(command, device_files, tmp_path)) == 0  # no --device: auto
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    assert calls and all(given == gpu for given, _ in calls)
+    for _, model in calls:
+        assert {p.device for p in model.parameters()} == {gpu}
+        if command not in ("viz", "zeroshot"):  # --dtype auto; those two run in float32
+            assert {p.dtype for p in model.parameters()} == {default_dtype(gpu)}
+
+
+def test_vlm_ask_on_the_gpu_prints_the_loaded_models_answer(
+    device_files, tmp_path, monkeypatch, capsys
+) -> None:
+    from test_devices import argv_of, spy
+
+    from vlm.cli import main
+
+    calls = spy(monkeypatch, "ask")
+    assert main(argv_of("ask", device_files, tmp_path)) == 0
+    ((_, model),) = calls
+    answer = model.ask(device_files / "picture.png", "What is it?", max_new_tokens=2)
+    assert capsys.readouterr().out == answer + "\n"
+
+
+def test_a_quantized_lm_brings_the_tower_and_projector_to_its_gpu(device_files) -> None:
+    """bitsandbytes places the LM on the GPU itself; the rest of the model must follow it (the tower used to stay
+    on the CPU, and the first image failed with a device mismatch)."""
+    pytest.importorskip("bitsandbytes")
+    from vlm.model import VisionLanguageModel
+
+    model = VisionLanguageModel.from_pretrained(device_files / "m", quantization="4bit")  # device=None
+    assert model.lm.device.type == "cuda"
+    assert {p.device for p in [*model.vision.parameters(), *model.projector.parameters()]} == {
+        model.lm.device
+    }
+    model.ask(device_files / "picture.png", "What is it?", max_new_tokens=4)  # the image meets the LM
+    with pytest.raises(ValueError, match=r"bitsandbytes placed the quantized LM on cuda:\d, not on cpu"):
+        VisionLanguageModel.from_pretrained(device_files / "m", quantization="4bit", device="cpu")
+
+
+def test_our_splice_and_learned_token_head_never_wait_for_the_gpu(parts) -> None:
+    """A training batch's image splice and learned-token head use the positions found on the CPU: under
+    CUDA's sync debug mode "error" (any host-device sync raises) they run, forward and backward. The LM's own
+    decoder (transformers' mask creation may check its mask) is left out: what is ours is checked."""
+    model = build(parts, projector=dict(pooled_token=True)).to("cuda")
+    conversations = [
+        [user("What is it?", images(1)), {"role": "assistant", "content": "A red square."}],
+        [user("And this?", images(2)[1:]), {"role": "assistant", "content": "Blue."}],
+    ]
+    batch = model.preparer(conversations).pin_memory().to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        embeds = model.embed(batch.input_ids, batch.pixel_values, image_index=batch.image_index)
+        picked = embeds[:, :-1].reshape(-1, embeds.shape[-1]).index_select(0, batch.learned_index)
+        logits = model.lm.get_output_embeddings()(picked)
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.learned_targets, reduction="sum")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

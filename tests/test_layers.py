@@ -23,6 +23,7 @@ MODULE_LAYER = {
     "vlm.siglip_model": "towers",
     "vlm.losses": "towers",
     "vlm.checks": "towers",  # plain-Python value checkers (and CheckpointError): the tower configs use them
+    "vlm.devices": "towers",  # "auto"/"cuda:N" -> a torch.device that is here, and its default dtype
     "vlm.weights": "weights",
     "vlm.processing": "processing",
     "vlm.conversation": "processing",
@@ -39,6 +40,7 @@ MODULE_LAYER = {
     "vlm.config": "training",  # typed YAML configs of the training scripts
     "vlm.metrics": "training",
     "vlm.training": "training",
+    "vlm.pipeline": "training",  # fine-tuning's input pipeline: steps -> prepared batches
     "vlm.evaluate": "training",
     "vlm.siglip_eval": "training",
     "vlm.cli": "cli",

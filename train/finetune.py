@@ -22,7 +22,6 @@ one step on one process over the same global batch, whatever the padding or answ
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from collections import Counter
@@ -59,13 +58,12 @@ from vlm.config import (  # noqa: E402
     shown,
     to_dict,
 )
-from vlm.conversation import Message  # noqa: E402
-from vlm.data.common import NOT_A_PATH, UNREADABLE_IMAGE, SkipReport, SourceUnavailable  # noqa: E402
-from vlm.data.named import BadRow, DataError, DataSpec, Rows, open_data  # noqa: E402
+from vlm.data.common import SkipReport, SourceUnavailable  # noqa: E402
+from vlm.data.named import DataError, DataSpec, Rows, open_data  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
 from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
-from vlm.processing import ImageLoadError  # noqa: E402
+from vlm.pipeline import StepBatches, default_workers, step_loader  # noqa: E402
 from vlm.projector import ProjectorConfig, check_divisible  # noqa: E402
 from vlm.siglip import SiglipVisionConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
@@ -215,6 +213,8 @@ class TrainSection(Checked):
     log_every: int = checked(10, AT_LEAST_ONE)  # and at the last step
     seed: int = checked(0, SEED)
     tensorboard: bool = False
+    # processes building batches ahead of the model (vlm.pipeline); null: none on the CPU, else the spare CPUs
+    num_workers: int | None = checked(None, NON_NEGATIVE_INT)
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
         hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads, image_size=m.image_size, patch_size=m.patch_size,
     )  # fmt: skip
-    from vlm.lm import load_lm
+    from vlm.lm import load_lm, quantization_of
 
     lm, tokenizer = load_lm(m.lm, quantization=m.quantization)
     config = VLMConfig(
@@ -283,6 +283,7 @@ def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
         system_prompt=m.system_prompt,
         freeze=freeze,
         adapter_on_text=m.adapter_on_text,
+        quantization=quantization_of(lm),  # exactly as loaded: a reload quantises the LM the same way
     )
     model = VisionLanguageModel.build(config, lm=(lm, tokenizer))
     if vision is not None:
@@ -342,75 +343,6 @@ def log_trainable(model: VisionLanguageModel, log: Callable[[str], None]) -> Non
         log(f"  trainable {key:<18} {n:>11,}")
 
 
-# Why a row cannot be used: an unreadable image (`ImageLoadError`, a ValueError), more than `max_length`
-# tokens or an empty turn (ValueError), an image field that is no path, bytes or image (TypeError).
-UNUSABLE = (ValueError, TypeError)
-
-
-def why_unusable(err: Exception) -> str:
-    """A skip reason that groups alike rows ("unreadable image"), for the skip report."""
-    if isinstance(err, BadRow):  # the row does not fit its format (vlm.data.named)
-        return err.reason
-    if isinstance(err, ImageLoadError):
-        return UNREADABLE_IMAGE
-    if isinstance(err, TypeError):
-        return NOT_A_PATH
-    if "tokens, over the limit" in str(err):  # vlm.conversation.encode with max_length
-        return "longer than data.max_length"
-    return "unusable conversation"
-
-
-def conversation_of(run: Run, key: tuple[int, int]) -> list[Message]:
-    """Row `key` = (source, row) as a conversation. A caption row's prompt is drawn from an RNG seeded by the run's
-    seed, the step and the row, not from the process's global RNG: every process (and a resumed run) then
-    renders a row alike, so N processes take the step one process would."""
-    source, row = key
-    rng = random.Random(f"{run.cfg.train.seed}:{run.step}:{source}:{row}")
-    return run.sources[source].conversation(row, rng)
-
-
-def row_conversation(run: Run, key: tuple[int, int]) -> list[Message] | None:
-    """Row `key` = (source, row) as a conversation, or None after recording in `run.bad` why it cannot be
-    used (`model.prepare` is tried on it alone: its image loaded, its tokens counted)."""
-    source, row = key
-    try:
-        conversation = conversation_of(run, key)
-        run.core.prepare([conversation], max_length=run.cfg.data.max_length)
-    except UNUSABLE as err:
-        run.bad[key] = (why_unusable(err), f"data.train[{source}] row {row}: {' '.join(str(err).split())}")
-        return None
-    return conversation
-
-
-def prepare_rows(run: Run, rows: list[tuple[int, int]]) -> Batch:
-    """`model.prepare` of these (source, row) pairs' conversations. A row that cannot be used is dropped and
-    remembered in `run.bad` (never tried again), so a bad row never stops a run; a micro-batch left with no
-    usable row takes the next usable one after its first in the data (the same on every run and process)."""
-    max_length = run.cfg.data.max_length
-    fresh = [key for key in rows if key not in run.bad]
-    if fresh:
-        try:  # the usual case: every row is fine
-            return run.core.prepare([conversation_of(run, key) for key in fresh], max_length=max_length)
-        except UNUSABLE:
-            pass
-    good = [c for key in fresh if (c := row_conversation(run, key)) is not None]
-    if not good:
-        good = [next_usable(run, rows[0])]
-    return run.core.prepare(good, max_length=max_length)
-
-
-def next_usable(run: Run, key: tuple[int, int]) -> list[Message]:
-    """The first usable row after `key` in source order (wrapping around), for a micro-batch of bad rows:
-    DDP needs every process to take part in every step, so an empty micro-batch is no option."""
-    sizes = [len(data) for data in run.sources]
-    flat = [(s, r) for s, size in enumerate(sizes) for r in range(size)]
-    start = flat.index(key)
-    for candidate in flat[start + 1 :] + flat[: start + 1]:
-        if candidate not in run.bad and (conversation := row_conversation(run, candidate)) is not None:
-            return conversation
-    raise ValueError(f"no training row is usable: {bad_rows_report(run).summary()}")
-
-
 def bad_rows_report(run: Run, everywhere: bool = False) -> SkipReport:
     """The rows found unusable while training, counted by reason, as a `SkipReport`: this process's, or with
     `everywhere` (a collective call: every process must make it) those of all processes."""
@@ -455,11 +387,13 @@ class Run(RunBase):
     optimizer: torch.optim.Optimizer
     sources: list[Rows]  # per `data.train` source
     stream: Stream
+    batches: StepBatches  # step -> this process's micro-batches (vlm.pipeline)
+    workers: int  # processes building them ahead (0: this one, as it goes)
     metrics: MetricsLog
     eval_rows: list[dict] | None
     writer: SummaryWriter | None  # TensorBoard, on the main process when asked for
     step: int
-    # rows found unusable when their batch was built: (source, row) -> (reason, detail); see `prepare_rows`
+    # rows found unusable when their batch was built: (source, row) -> (reason, detail); see vlm.pipeline
     bad: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
 
 
@@ -497,6 +431,14 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     streamed = [i for i, source in enumerate(sources) if source.streaming]
     stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed, streamed)
     log(stream.describe(t.batch_size * accelerator.num_processes * t.grad_accum, t.steps))
+    workers = (
+        t.num_workers if t.num_workers is not None else default_workers(accelerator.device, bool(streamed))
+    )
+    batches = StepBatches(
+        sources, stream, model.preparer, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        world=accelerator.num_processes, rank=accelerator.process_index, max_length=cfg.data.max_length,
+        seed=t.seed, cache_bytes=(2 << 30) // max(1, workers),
+    )  # fmt: skip
     metrics = open_run_folder(run_dir, cfg, accelerator.is_main_process)
     eval_rows = eval_source.eval_rows() if eval_source is not None else None
     writer = None
@@ -506,7 +448,7 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
         writer = SummaryWriter(run_dir / "tensorboard")
     return Run(
         cfg, accelerator, wrapped, accelerator.unwrap_model(wrapped), settings, optimizer, sources, stream,
-        metrics, eval_rows, writer, step,
+        batches, workers, metrics, eval_rows, writer, step,
     )  # fmt: skip
 
 
@@ -516,13 +458,17 @@ def fit(run: Run) -> None:
     t, accelerator = run.cfg.train, run.accelerator
     run.model.train()
     progress = Progress(t.steps, run.step, "finetune", run.per_step, accelerator.is_local_main_process)
-    while run.step < t.steps:
+    pin = accelerator.device.type == "cuda"
+    for item in step_loader(run.batches, run.step, t.steps, run.workers, pin_memory=pin):
+        run.bad |= item.bad
         lr = cosine_lr(run.step, t.steps, t.warmup_steps, t.lr)
         set_lr(run.optimizer, lr)
-        loss = train_step(run, micro_batches(run))
+        step_loss = train_step(run, item.batches)
         run.step += 1
+        logging = due(run.step, t.log_every, t.steps)
+        loss = float(step_loss) if logging else None  # the step's one wait for the accelerator, when logged
         rate = progress.update(loss, lr)
-        if accelerator.is_main_process and due(run.step, t.log_every, t.steps):
+        if accelerator.is_main_process and logging:
             run.metrics.write(step=run.step, loss=loss, lr=lr, samples_per_s=rate)
             if run.writer is not None:
                 run.writer.add_scalar("loss", loss, run.step)
@@ -548,35 +494,46 @@ def log_skips(log: Callable[[str], None], report: SkipReport | None) -> None:
 
 def micro_batches(run: Run) -> list[Batch]:
     """This step's micro-batches for this process, each a prepared Batch; bad rows dropped and counted."""
-    t, accelerator = run.cfg.train, run.accelerator
-    return [
-        prepare_rows(run, rows)
-        for rows in run.stream.step_rows(
-            run.step, t.batch_size, t.grad_accum, accelerator.num_processes, accelerator.process_index
-        )
-    ]
+    item = run.batches[run.step]
+    run.bad |= item.bad
+    return item.batches
 
 
-def train_step(run: Run, batches: list[Batch]) -> float:
+def train_step(run: Run, batches: list[Batch]) -> torch.Tensor:
     """One optimizer step over this process's micro-batches; returns the step's loss per learned token over
-    all processes (the loss scaling of the module docstring)."""
+    all processes (the loss scaling of the module docstring), as a tensor on the device.
+
+    Nothing here waits for the accelerator: the learned tokens are counted on the CPU when the batches are
+    built (`Batch.learned_index`), several processes add their counts with a collective on the device, and
+    the loss is only read (`float`) by the caller at logging steps."""
     accelerator, device, world = run.accelerator, run.accelerator.device, run.accelerator.num_processes
-    local = torch.tensor(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches), device=device)
-    total = accelerator.reduce(local, reduction="sum") if world > 1 else local  # learned tokens this step
+    local = sum(b.num_learned for b in batches)
+    if world > 1:  # learned tokens in the step over all processes, added on the device
+        count = torch.tensor(float(local))
+        total = accelerator.reduce(
+            count.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else count.to(device),
+            reduction="sum",
+        )
+        scale = world / total.clamp(min=1)
+    else:
+        scale = 1.0 / max(local, 1)
+    non_blocking = device.type == "cuda"
     step_loss = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=non_blocking)
         with grad_sync(accelerator, run.model, last=i == len(batches) - 1), accelerator.autocast():
             out = run.model(
-                batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum"
-            )
-            accelerator.backward(out.loss * world / total.clamp(min=1))
+                batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum",
+                image_index=batch.image_index, learned_index=batch.learned_index,
+                learned_targets=batch.learned_targets,
+            )  # fmt: skip
+            accelerator.backward(out.loss * scale)
         step_loss += out.loss.detach()
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if world > 1:
         dist.all_reduce(step_loss)
-    return float(step_loss / total.clamp(min=1))
+    return step_loss * (scale / world)
 
 
 def evaluate_mid_run(run: Run) -> None:

@@ -3,6 +3,9 @@
 vlm embed IMAGES_OR_DIRS --model NAME_OR_DIR --out embeddings.safetensors [--patches]
 vlm viz --out DIR [--model NAME_OR_DIR] [--image PATH]
 vlm demo
+
+Each command that runs a model takes --device: auto (the default) runs it on the GPU when one is visible,
+in bfloat16 where the GPU has it (--dtype auto); on a machine without one, on the CPU in float32.
 """
 
 from __future__ import annotations
@@ -25,13 +28,20 @@ from vlm.checks import (
     shorten,
     utf8_text,
 )
+from vlm.devices import DTYPES, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from vlm.model import Chat
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = REPO / "demo" / "examples" / "chelsea.jpg"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_HELP = "auto (the default: cuda when a GPU is visible, else mps, else cpu), cpu, cuda, cuda:N or mps"
+DTYPE_HELP = "auto (the default): bfloat16 on a CUDA GPU that has it, else float32"
+QUANTIZE = ["4bit", "8bit", "none"]
+QUANTIZE_HELP = (
+    "load the LM through bitsandbytes (on the GPU when one is visible, so --device auto or cuda); none: full "
+    "precision. Default: as the saved model records (config.json quantization: a QLoRA model's LM in 4-bit)"
+)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -75,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "--patches", action="store_true", help="patch embeddings (B, N, D) instead of pooled (B, D)"
     )
     embed.add_argument("--batch-size", type=checked(positive_int, int), default=32)
-    embed.add_argument("--dtype", choices=DTYPES, default="float32")
+    embed.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
+    embed.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     viz = commands.add_parser("viz", help="PNGs of patch filters, position similarity and attention")
     viz.add_argument("--out", default="out/viz", help="folder for the PNGs")
@@ -83,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     viz.add_argument(
         "--image", default=None, help=f"image for the attention map (default: {SAMPLE_IMAGE.name})"
     )
+    viz.add_argument("--device", default="auto", help=DEVICE_HELP + " (the towers run in float32)")
 
     ask = commands.add_parser("ask", help="ask one question about images; the answer streams to the terminal")
     ask.add_argument("question", type=checked(utf8_text))
@@ -90,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (ask, chat):
         sub.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
         sub.add_argument("--model", help="a saved VLM folder (default: the project's default model)")
-        sub.add_argument("--dtype", choices=DTYPES, default="float32")
-        sub.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LM through bitsandbytes")
+        sub.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
+        sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+        sub.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
         # The rules of VisionLanguageModel.generation_kwargs, applied here before the model loads.
         sub.add_argument("--max-new-tokens", type=checked(positive_int, int), default=256)
         sub.add_argument(
@@ -135,9 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--batch-size", type=checked(positive_int, int), default=64)
     evaluate.add_argument("--out", help="write one JSON line per prediction here")
     evaluate.add_argument("--bf16", action="store_true", help="bf16 autocast for an fp32 model")
-    evaluate.add_argument("--dtype", choices=DTYPES, default="float32")
+    evaluate.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
+    evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
+    evaluate.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
 
-    merge = commands.add_parser("merge", help="fold a model's LoRA adapter into a standalone model folder")
+    # No --device: merging adds B @ A to each weight once and writes files, so the CPU does it in seconds and
+    # in float32, and the merged files are the same wherever they are made.
+    merge = commands.add_parser(
+        "merge",
+        help="fold a model's LoRA adapter into a standalone model folder (on the CPU, in float32)",
+        description="Fold a model's LoRA adapter into a standalone model folder. It runs on the CPU, in "
+        "float32: merging adds one low-rank product to each adapted weight and writes files, which takes "
+        "seconds, and the merged files are the same wherever they are made (so there is no --device).",
+    )
     merge.add_argument("model", help="a saved VLM folder with an adapter/ subfolder")
     merge.add_argument("out", help="the new folder (VLM files + the merged LM in lm/)")
 
@@ -155,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         type=checked(utf8_text),
         help='prompt template with {} for the label, repeatable (embeddings averaged); default "a photo of {}."',
     )
+    zeroshot.add_argument("--device", default="auto", help=DEVICE_HELP + " (the model runs in float32)")
 
     # The demo lives outside the library (demo/) and parses its own flags: `vlm demo --help` shows them.
     commands.add_parser(
@@ -169,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 2
     args.rest = rest  # the demo's own flags
     try:
+        if hasattr(args, "device"):  # a device this machine lacks is refused here, before anything loads
+            args.device = resolve_device(args.device, "--device")
+        if hasattr(args, "dtype"):  # a torch dtype from here on ("auto" follows the device)
+            args.dtype = resolve_dtype(args.dtype, args.device)
         handler = {
             "embed": _embed, "viz": _viz, "ask": _ask, "chat": _chat, "eval": _eval, "merge": _merge, "zeroshot": _zeroshot,
             "demo": _demo,
@@ -189,7 +217,7 @@ def _embed(args: argparse.Namespace) -> int:
     from vlm.weights import check_output_file, load_vision_encoder
 
     check_output_file(args.out, "--out")
-    encoder = load_vision_encoder(args.model, dtype=DTYPES[args.dtype])
+    encoder = load_vision_encoder(args.model, dtype=args.dtype, device=args.device)
     result = embed_files(encoder, args.inputs, pooled=not args.patches, batch_size=args.batch_size)
     for file, why in result.failures:
         print(f"skipped {file}: {why}", file=sys.stderr)
@@ -212,9 +240,10 @@ def _viz(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out, "--out")
     image = load_image(args.image or SAMPLE_IMAGE)
-    trained = load_vision_encoder(args.model) if args.model else None
+    trained = load_vision_encoder(args.model, device=args.device) if args.model else None
     # The seed's contrast: the same architecture before training (random init) and after (the checkpoint).
-    random_init = SiglipVisionEncoder(trained.config if trained else SiglipVisionConfig()).eval()
+    config = trained.config if trained else SiglipVisionConfig()
+    random_init = SiglipVisionEncoder(config).to(args.device).eval()
     paths = write_visualisations(random_init, args.out, image=image, prefix="random_init_")
     if trained is not None:
         paths += write_visualisations(trained, args.out, image=image, prefix="pretrained_")
@@ -224,13 +253,24 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def _load_vlm(args: argparse.Namespace):
+    from vlm.lm import AS_SAVED
     from vlm.model import VisionLanguageModel, load_default_model
     from vlm.weights import resolve_checkpoint
 
-    if args.model is None:
-        return load_default_model(DTYPES[args.dtype], quantization=args.quantize)
-    folder = resolve_checkpoint(args.model)
-    return VisionLanguageModel.from_pretrained(folder, dtype=DTYPES[args.dtype], quantization=args.quantize)
+    if args.quantize in ("4bit", "8bit") and torch.cuda.is_available() and args.device.type != "cuda":
+        # bitsandbytes puts a quantized LM on the GPU whenever one is visible: refused before it loads.
+        raise ValueError(
+            f"--quantize loads the LM on the GPU when one is visible, so it cannot run on {args.device}: "
+            "use --device auto (or cuda), or leave out --quantize"
+        )
+    # No --quantize: the LM as the saved model records (from_pretrained's default); "none": full precision.
+    quantization = {None: AS_SAVED, "none": None}.get(args.quantize, args.quantize)
+    kwargs = dict(dtype=args.dtype, device=args.device)
+    if args.model is None:  # load_default_model takes no AS_SAVED; the shipped model records no quantization
+        return load_default_model(**kwargs, quantization=None if quantization is AS_SAVED else quantization)
+    return VisionLanguageModel.from_pretrained(
+        resolve_checkpoint(args.model), quantization=quantization, **kwargs
+    )
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -354,7 +394,6 @@ def _eval(args: argparse.Namespace) -> int:
     except (DataError, SourceUnavailable) as err:
         print(f"vlm eval: error: {err}", file=sys.stderr)
         return 2
-    args.quantize = None
     model = _load_vlm(args)
     run = EVALUATORS[args.task]
     result = run(model, rows, batch_size=args.batch_size, predictions_path=args.out, bf16=args.bf16)
@@ -374,7 +413,13 @@ def _merge(args: argparse.Namespace) -> int:
     if not lora_modules(model):
         print(f"vlm merge: error: {args.model} has no adapter/ to merge", file=sys.stderr)
         return 2
+    trained = model.config.quantization  # loaded as trained (config.json); merging dequantises it
     print(f"wrote {save_merged(model, args.out)}")
+    if trained is not None:
+        print(
+            f"merged in full precision from a model trained against its LM in {trained}: its weights "
+            "dequantised plus the LoRA update (see README.md there)"
+        )
     return 0
 
 
@@ -387,7 +432,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     if bad := [t for t in templates if "{}" not in t]:
         raise ValueError(f"a template needs {{}} where the label goes: {bad[0]!r}")
     image = load_image(args.image)
-    model, tokenizer = load_dual_encoder(args.model)
+    model, tokenizer = load_dual_encoder(args.model, device=args.device)
     print(format_scores(labels, zero_shot(model, tokenizer, [image], labels, templates)[0]))
     return 0
 

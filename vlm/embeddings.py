@@ -33,7 +33,8 @@ def embed_images(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Images (paths, PIL images, bytes, or preprocessed (B, C, H, W) pixels) -> float32 embeddings: (B, D)
-    pooled (`SiglipVisionEncoder.embed`), or (B, N, D) patch embeddings with `pooled=False`.
+    pooled (`SiglipVisionEncoder.embed`), or (B, N, D) patch embeddings with `pooled=False`, on the encoder's
+    device (the pixels are moved to it).
 
     Images are decoded and preprocessed a batch at a time, so a long list never sits in memory as pixels;
     an unreadable image raises `ImageLoadError` naming it (`embed_files` skips such files instead)."""
@@ -50,9 +51,13 @@ def embed_images(
     return torch.cat(outs) if outs else _no_vectors(encoder, pooled)
 
 
-def _no_vectors(encoder: SiglipVisionEncoder, pooled: bool) -> torch.Tensor:
-    width = encoder.config.hidden_size
-    return torch.empty(0, width) if pooled else torch.empty(0, encoder.config.num_patches, width)
+def _no_vectors(
+    encoder: SiglipVisionEncoder, pooled: bool, device: torch.device | None = None
+) -> torch.Tensor:
+    """The (0, D) or (0, N, D) result of embedding no image, on `device` (None: the encoder's)."""
+    width, device = encoder.config.hidden_size, device or next(encoder.parameters()).device
+    shape = (0, width) if pooled else (0, encoder.config.num_patches, width)
+    return torch.empty(shape, device=device)
 
 
 @dataclass
@@ -71,10 +76,11 @@ def embed_files(
     batch_size: int = 32,
     progress: bool = True,
 ) -> Embeddings:
-    """Embed every image file under `paths` (files, or folders searched recursively).
+    """Embed every image file under `paths` (files, or folders searched recursively); the vectors come back
+    on the CPU, whatever the encoder's device.
 
     Unreadable files are skipped and reported in `.failures`, never fatal. Images are decoded one batch at
-    a time, so a large folder needs memory for one batch only."""
+    a time, so a large folder needs memory for one batch only (on a GPU too: each batch's vectors leave it)."""
     positive_int(batch_size, "batch_size")
     files = iter_image_files(paths)
     processor = SiglipImageProcessor(encoder.config.image_size)
@@ -91,9 +97,10 @@ def embed_files(
                 except ImageLoadError as err:
                     failures.append((str(file), err.reason))
             if images:
-                vectors.append(encoder.embed(processor(images), pooled=pooled, batch_size=batch_size))
+                vectors.append(encoder.embed(processor(images), pooled=pooled, batch_size=batch_size).cpu())
             bar.update(min(batch_size, len(files) - start))
-    return Embeddings(torch.cat(vectors) if vectors else _no_vectors(encoder, pooled), kept, failures)
+    found = torch.cat(vectors) if vectors else _no_vectors(encoder, pooled, torch.device("cpu"))
+    return Embeddings(found, kept, failures)
 
 
 def save_embeddings(result: Embeddings, path: str | Path, model: str = "") -> Path:

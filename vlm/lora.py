@@ -15,16 +15,18 @@ References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 202
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm.checks import config_from_dict, json_object
-from vlm.lm import quiet_bitsandbytes_import
+from vlm.lm import LMQuantization, quiet_bitsandbytes_import
 from vlm.weights import CheckpointError, atomic_folder, check_output_folder, read_json
 
 with quiet_bitsandbytes_import():  # peft imports bitsandbytes, which may warn about a kernel we never want
@@ -108,24 +110,81 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (W + B A * alpha / r) and remove the adapter modules,
-    leaving a plain model with the same outputs."""
+    leaving a plain model with the same outputs.
+
+    A base layer quantised by bitsandbytes (QLoRA) becomes a full-precision `nn.Linear` holding dequant(W) + BA,
+    which is what the quantised layer and its adapter computed together (peft's own merge quantises that sum
+    again, rounding much of the small update away). The model's other quantised layers are dequantised too, so
+    it is left wholly in full precision, its `config.quantization` None."""
     for name in lora_modules(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, child)
-        layer.merge()
-        setattr(parent, child, layer.get_base_layer())
+        layer = model.get_submodule(name)
+        base = layer.get_base_layer()
+        if is_quantized(base):
+            merged = dequantized(base)
+            with torch.no_grad():
+                for adapter in layer.active_adapters:  # plain LoRA (LoraSettings makes no DoRA)
+                    merged.weight += layer.get_delta_weight(adapter).to(merged.weight.dtype)
+        else:
+            layer.merge()
+            merged = base
+        model.set_submodule(name, merged)
+    dequantize(model)
+    return model
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (bitsandbytes is imported only if it already is)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def dequantized(layer: nn.Module) -> nn.Linear:
+    """A bitsandbytes linear layer's weights as a plain `nn.Linear`, frozen: 4-bit blocks times their absmax
+    (`dequantize_4bit`, in the dtype the weights were loaded in), or 8-bit rows times their scales (float32)."""
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # (out, in)
+    else:
+        w = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().to(w.dtype), requires_grad=False)
+    return linear
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every bitsandbytes layer of `model` by its `dequantized` twin and clear what says the model is
+    quantised: transformers' record on the LM (so `save_pretrained` writes a plain model) and
+    `config.quantization` (so a reload does not quantise it again)."""
+    for name, module in [(n, m) for n, m in model.named_modules() if is_quantized(m)]:
+        model.set_submodule(name, dequantized(module))
+    for module in model.modules():
+        if getattr(module, "hf_quantizer", None) is not None:
+            module.hf_quantizer.remove_quantization_config(module)
+            for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+                if hasattr(module, flag):
+                    delattr(module, flag)
+    if getattr(getattr(model, "config", None), "quantization", None) is not None:
+        model.config = replace(model.config, quantization=None)
     return model
 
 
 def save_merged(model: nn.Module, directory: str | Path) -> Path:
     """A standalone model folder with LoRA folded in: the VLM files plus the merged LM (and tokenizer) in
-    `lm/`, named by a relative `lm_source`, so the folder loads anywhere without the original LM.
+    `lm/`, named by a relative `lm_source`, so the folder loads anywhere without the original LM, and a
+    README.md that says so.
+
+    A model whose LM is quantised (QLoRA) is merged in full precision (`merge_lora`): its config records no
+    quantization, and the README says which quantization it was trained against.
 
     `directory` must be new (or an empty folder): merged files written over a model folder would sit beside
     its `adapter/`, which loading would then apply a second time. The folder is filled under a temporary name
     and renamed when complete, so a failed merge leaves nothing behind."""
     directory = check_output_folder(directory, "the merged model's folder", empty=True)
+    trained = getattr(model.config, "quantization", None)
     merge_lora(model)
     with atomic_folder(directory) as tmp:
         lm_dir = tmp / "lm"
@@ -139,7 +198,31 @@ def save_merged(model: nn.Module, directory: str | Path) -> Path:
             model.save_pretrained(tmp)
         finally:
             model.config, model.lm_vocab_size = replace(model.config, lm_source=source), vocab
+        (tmp / "README.md").write_text(merged_card(directory.name, trained))
     return directory
+
+
+def merged_card(name: str, trained: LMQuantization | None) -> str:
+    """The README.md of a merged folder; `trained`: the quantization the adapter was trained against."""
+    lines = [
+        "---",
+        "library_name: vlm",
+        "---",
+        f"# {name}",
+        "",
+        "A standalone model made by `vlm merge`: the LoRA adapter folded into the LM, which `lm/` holds with "
+        "its tokenizer.",
+    ]
+    if trained is not None:
+        lines += [
+            "",
+            f"Merged from a model whose adapter was trained against its LM in {trained}: those weights were "
+            "dequantised and the LoRA update added in full precision, so this model runs in full precision and "
+            "its config.json records no quantization. Its logits differ from the quantised model with its "
+            "adapter by float rounding (the two compute dequant(W) x + B A x in another order); the original "
+            "folder reproduces the quantised answers exactly.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 @contextmanager

@@ -41,9 +41,19 @@ from vlm.checks import (
     positive_int,
     probability,
 )
-from vlm.conversation import IGNORE_INDEX, Message, encode, pad, user
+from vlm.conversation import IGNORE_INDEX, Encoded, Message, encode, pad, user
+from vlm.devices import same_device
 from vlm.generation import ImageEmbeddingCache, StopWhenSet, image_key, progress_bar, shared_prefix_length
-from vlm.lm import DEFAULT_LM, Quantization, load_lm
+from vlm.lm import (
+    AS_SAVED,
+    DEFAULT_LM,
+    LMQuantization,
+    Quantization,
+    Recorded,
+    load_lm,
+    log_quantization,
+    quantization_of,
+)
 from vlm.processing import ImageSource, SiglipImageProcessor, load_image
 from vlm.projector import Projector, ProjectorConfig
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
@@ -60,6 +70,7 @@ CONFIG_KEYS = {
     "system_prompt",
     "freeze",
     "adapter_on_text",
+    "quantization",
 }
 
 
@@ -79,6 +90,10 @@ class VLMConfig:
     # the base LM's own. For adapters trained only on image questions with short answers (easy-VQA's one
     # word), which otherwise answer "What is the capital of France?" with "France".
     adapter_on_text: bool = True
+    # The bitsandbytes settings the LM was loaded with (None: full precision), so that a reload quantises it as
+    # the LoRA adapter was trained against (`from_pretrained`). Written from the loaded LM (`quantization_of`),
+    # never by hand; a config.json from before this field loads as None.
+    quantization: LMQuantization | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -100,6 +115,7 @@ class VLMConfig:
             "system_prompt": self.system_prompt,
             "freeze": list(self.freeze),
             "adapter_on_text": self.adapter_on_text,
+            "quantization": None if self.quantization is None else self.quantization.to_dict(),
         }
 
     @classmethod
@@ -117,32 +133,105 @@ class VLMConfig:
             raise CheckpointError(f"config.json lacks {', '.join(missing)}")
         # The nested configs are built first, then the flat fields are checked against their types (a missing
         # `freeze` means nothing frozen, as it always has).
-        flat = {key: value for key, value in d.items() if key not in ("format", "vision", "projector")}
+        nested = ("format", "vision", "projector", "quantization")
+        flat = {key: value for key, value in d.items() if key not in nested}
         parts = {
             "vision": SiglipVisionConfig.from_dict(d["vision"], where="vision"),
             "projector": ProjectorConfig.from_dict(d["projector"], where="projector"),
         }
+        if d.get("quantization") is not None:
+            parts["quantization"] = LMQuantization.from_dict(d["quantization"], where="quantization")
         return config_from_dict(cls, {"freeze": [], **flat} | parts)
 
 
 @dataclass
 class Batch:
-    """Model inputs for a batch of conversations."""
+    """Model inputs for a batch of conversations.
+
+    A training batch also carries, computed on the CPU where it is built, where its image tokens are and which
+    tokens are learned, as flat indices: the forward pass then splices and picks with them (`index_copy`,
+    `index_select`) and never has to ask the accelerator how many there are (a host-device sync each time)."""
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L), 0 on padding
     pixel_values: torch.Tensor | None  # (num_images, 3, H, W), in placeholder order, row by row
     labels: torch.Tensor | None = None  # (B, L), IGNORE_INDEX where nothing is learned
+    image_index: torch.Tensor | None = None  # (num_images * tokens_per_image,) into the flat (B * L)
+    learned_index: torch.Tensor | None = None  # (n_learned,) into the flat (B * (L - 1)): t predicts t + 1
+    learned_targets: torch.Tensor | None = None  # (n_learned,) the tokens learned there
 
-    def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask),
-            pixel_values=move(self.pixel_values),
-            labels=move(self.labels),
-        )
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so that `to(cuda, non_blocking=True)` overlaps with compute (DataLoader's
+        `pin_memory=True` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def num_learned(self) -> int:
+        """Learned tokens in the batch (known on the CPU when the batch carries `learned_index`)."""
+        if self.learned_index is not None:
+            return len(self.learned_index)
+        return 0 if self.labels is None else int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def _map(self, f: Any) -> Batch:
+        return replace(self, **{k: None if v is None else f(v) for k, v in vars(self).items()})
+
+
+@dataclass
+class Preparer:
+    """Conversations -> a `Batch`: what `VisionLanguageModel.prepare` does, without the model, so that data
+    loader workers can build batches (it pickles as a tokenizer and a processor)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    processor: SiglipImageProcessor
+    image_token: str
+    image_token_id: int
+    tokens_per_image: int
+    system_prompt: str | None
+
+    def __call__(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        for_generation: bool = False,
+        max_length: int | None = None,
+    ) -> Batch:
+        encoded = [
+            encode(
+                self.tokenizer,
+                self.with_system_prompt(conversation),
+                self.image_token,
+                self.tokens_per_image,
+                add_generation_prompt=for_generation,
+                with_labels=not for_generation,
+                max_length=max_length,
+            )
+            for conversation in conversations
+        ]
+        images = [load_image(image) for e in encoded for image in e.images]
+        return self.collate(encoded, self.processor(images) if images else None, for_generation)
+
+    def collate(
+        self, encoded: Sequence[Encoded], pixel_values: torch.Tensor | None, for_generation: bool = False
+    ) -> Batch:
+        """Encoded conversations and their images' pixels -> a padded `Batch` (left-padded for generation;
+        right-padded with labels and the learned and image positions for training)."""
+        side = "left" if for_generation else "right"
+        input_ids = pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id, side)
+        attention_mask = pad([[1] * len(e.input_ids) for e in encoded], 0, side)
+        if for_generation:
+            return Batch(input_ids, attention_mask, pixel_values)
+        labels = pad([e.labels for e in encoded], IGNORE_INDEX, side)
+        targets = labels[:, 1:].reshape(-1)
+        learned = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        image_index = (input_ids.reshape(-1) == self.image_token_id).nonzero().squeeze(1)
+        return Batch(input_ids, attention_mask, pixel_values, labels, image_index, learned, targets[learned])
+
+    def with_system_prompt(self, conversation: Sequence[Message]) -> list[Message]:
+        if self.system_prompt is None or (conversation and conversation[0].get("role") == "system"):
+            return list(conversation)
+        return [{"role": "system", "content": self.system_prompt}, *conversation]
 
 
 class VisionLanguageModel(nn.Module):
@@ -195,6 +284,8 @@ class VisionLanguageModel(nn.Module):
         projector = Projector(config.projector)
         token_rms = model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
         projector.match_output_scale(token_rms)
+        # what the LM really is (a 4-bit one given as `lm` too), so that a saved model reloads it alike
+        config = replace(config, quantization=quantization_of(model))
         return cls(config, vision.to(dtype), projector.to(dtype), model, tokenizer).eval()
 
     def freeze(self, paths: Sequence[str]) -> None:
@@ -229,12 +320,31 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LM input embeddings with each image's tokens spliced in at its placeholders: (B, L, D_lm).
 
         The images come as pixels (encoded here) or as `image_embeds` already encoded by `encode_images`
-        (num_images, tokens_per_image, D_lm), in placeholder order, row by row."""
+        (num_images, tokens_per_image, D_lm), in placeholder order, row by row. `image_index` (a training
+        `Batch`'s: the placeholders' flat positions, found on the CPU) splices without a host-device sync."""
         embeds = self.lm.get_input_embeddings()(input_ids)
+        if image_index is not None:
+            if image_embeds is None and pixel_values is not None and len(pixel_values):
+                image_embeds = self.encode_images(pixel_values)
+            if image_embeds is None:
+                if len(image_index):
+                    raise ValueError(
+                        f"the prompt holds {len(image_index)} image tokens but no image was given"
+                    )
+                return embeds
+            flat = image_embeds.reshape(-1, embeds.shape[-1])
+            if len(image_index) != len(flat):  # shapes only: no sync
+                raise ValueError(
+                    f"the prompt holds {len(image_index)} image tokens, but {image_embeds.shape[0]} images x "
+                    f"{image_embeds.shape[1]} tokens were given"
+                )
+            spliced = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_index, flat.to(embeds.dtype))
+            return spliced.view_as(embeds)
         is_image = input_ids == self.image_token_id  # (B, L)
         wanted = int(is_image.sum())
         if image_embeds is None and pixel_values is not None and len(pixel_values):
@@ -258,23 +368,31 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
+        image_index: torch.Tensor | None = None,
+        learned_index: torch.Tensor | None = None,
+        learned_targets: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Without labels: logits (B, L, V). With labels: the cross-entropy of each learned token given the
         ones before it (`reduction` "mean" or "sum"), and logits only at those positions (n_learned, V).
 
         Computing the LM head only where something is learned skips most of its work: SmolLM2's tied head is
-        a fifth of the model, and in a VQA batch a few answer tokens are learned out of ~50."""
-        embeds = self.embed(input_ids, pixel_values)
-        if labels is None:
+        a fifth of the model, and in a VQA batch a few answer tokens are learned out of ~50. A training
+        `Batch` brings those positions (`learned_index`, `learned_targets`) and the image placeholders'
+        (`image_index`), found on the CPU: the step then never waits on the accelerator for a count."""
+        embeds = self.embed(input_ids, pixel_values, image_index=image_index)
+        if labels is None and learned_index is None:
             return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         decoder = getattr(self.lm, self.lm.base_model_prefix)  # the LM without its head (`model` for Llama)
         hidden = decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        learned = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][learned])  # (n_learned, V)
-        loss = F.cross_entropy(logits.float(), targets[learned], reduction=reduction)
+        if learned_index is None:  # position t predicts token t + 1
+            targets = labels[:, 1:].reshape(-1)
+            learned_index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # a sync on an accelerator
+            learned_targets = targets[learned_index]
+        picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, learned_index)
+        logits = self.lm.get_output_embeddings()(picked)  # (n_learned, V)
+        loss = F.cross_entropy(logits.float(), learned_targets, reduction=reduction)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # -- conversations --------------------------------------------------------------------------------------
@@ -286,31 +404,19 @@ class VisionLanguageModel(nn.Module):
         max_length: int | None = None,
     ) -> Batch:
         """Tokenise conversations and load their images. For generation the batch is left-padded and ends
-        with the assistant prompt; for training it is right-padded and carries labels."""
-        encoded = [
-            encode(
-                self.tokenizer,
-                self.with_system_prompt(conversation),
-                self.config.image_token,
-                self.tokens_per_image,
-                add_generation_prompt=for_generation,
-                with_labels=not for_generation,
-                max_length=max_length,
-            )
-            for conversation in conversations
-        ]
-        side = "left" if for_generation else "right"
-        input_ids = pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id, side)
-        attention_mask = pad([[1] * len(e.input_ids) for e in encoded], 0, side)
-        labels = None if for_generation else pad([e.labels for e in encoded], IGNORE_INDEX, side)
-        images = [load_image(image) for e in encoded for image in e.images]
-        pixel_values = self.processor(images) if images else None
-        return Batch(input_ids, attention_mask, pixel_values, labels)
+        with the assistant prompt; for training it is right-padded and carries labels (see `Preparer`)."""
+        return self.preparer(conversations, for_generation, max_length)
+
+    @property
+    def preparer(self) -> Preparer:
+        """What `prepare` runs, apart from the model: for data loader workers."""
+        return Preparer(
+            self.tokenizer, self.processor, self.config.image_token, self.image_token_id, self.tokens_per_image,
+            self.config.system_prompt,
+        )  # fmt: skip
 
     def with_system_prompt(self, conversation: Sequence[Message]) -> list[Message]:
-        if self.config.system_prompt is None or (conversation and conversation[0].get("role") == "system"):
-            return list(conversation)
-        return [{"role": "system", "content": self.config.system_prompt}, *conversation]
+        return self.preparer.with_system_prompt(conversation)
 
     def generation_kwargs(
         self,
@@ -660,11 +766,16 @@ class VisionLanguageModel(nn.Module):
         cls,
         directory: str | Path,
         dtype: torch.dtype = torch.float32,
-        quantization: Quantization = None,
+        quantization: Quantization | Recorded = AS_SAVED,
         lm_source: str | None = None,
         lm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+        device: torch.device | str | None = None,
     ) -> VisionLanguageModel:
-        """Restore a saved model exactly. `lm_source` overrides the saved one (e.g. the LM moved folders)."""
+        """Restore a saved model exactly. `lm_source` overrides the saved one (e.g. the LM moved folders).
+        `quantization`: by default the LM is quantised as config.json records (a QLoRA model's LM in 4-bit, with
+        the very settings it was trained against; logged); None loads it in full precision and "4bit"/"8bit"
+        through bitsandbytes, each with a warning where that differs from the record (answers will differ).
+        `device`: where it runs (None: the CPU; see `vlm.devices.resolve_device` for "auto")."""
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"no model folder at {directory}")
@@ -679,7 +790,14 @@ class VisionLanguageModel(nn.Module):
             directory / config.lm_source / "config.json"
         ).is_file():  # an LM inside the folder (`vlm merge`)
             config = replace(config, lm_source=str(directory / config.lm_source))
+        recorded = config.quantization
+        if quantization is AS_SAVED or (recorded is not None and quantization == recorded.bits):
+            quantization = recorded  # exactly the settings the adapter was trained against
         model = cls.build(config, dtype=dtype, quantization=quantization, lm=lm)
+        # The config describes the LM as it is now loaded (a given `lm` included), so a model saved again
+        # records that; the log line compares it with the record.
+        model.config = replace(model.config, quantization=quantization_of(model.lm))
+        log_quantization(recorded, model.config.quantization, str(directory))
         state = read_safetensors(directory)
         parts: dict[str, dict[str, torch.Tensor]] = {"vision.": {}, "projector.": {}, "lm.": {}}
         for key, value in state.items():
@@ -694,7 +812,7 @@ class VisionLanguageModel(nn.Module):
             from vlm.lora import load_adapter  # peft (and with it bitsandbytes) only when there is an adapter
 
             load_adapter(model, directory / "adapter")
-        return model.to(dtype).eval()
+        return _placed(model.to(dtype), device).eval()
 
     def load_added_token_state(self, state: dict[str, torch.Tensor], directory: Path) -> None:
         expected = {k.removeprefix("lm."): v for k, v in self.added_token_state().items()}
@@ -707,6 +825,25 @@ class VisionLanguageModel(nn.Module):
             self.lm.get_input_embeddings().weight[self.lm_vocab_size :] = state["added_embeddings"]
             if "added_lm_head" in state:
                 self.lm.get_output_embeddings().weight[self.lm_vocab_size :] = state["added_lm_head"]
+
+
+def _placed(model: VisionLanguageModel, device: torch.device | str | None) -> VisionLanguageModel:
+    """`model` moved to `device` (None: left where it loaded, the CPU). A bitsandbytes-quantized LM cannot be
+    moved: it stays where bitsandbytes put it (the current CUDA device whenever one is visible) and the tower
+    and projector follow it, so the image embeddings meet the LM on one device; another `device` is refused."""
+    if getattr(model.lm, "hf_quantizer", None) is None:
+        return model if device is None else model.to(device)
+    where = model.lm.device
+    if device is not None and not same_device(device, where):
+        raise ValueError(
+            f"bitsandbytes placed the quantized LM on {where}, not on {device}: with a GPU visible it loads on "
+            "the current CUDA device (to use another GPU, make it the only one visible: CUDA_VISIBLE_DEVICES=N); "
+            "load the LM unquantized to run it elsewhere"
+        )
+    for child in model.children():
+        if child is not model.lm:
+            child.to(where)
+    return model
 
 
 def _base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -745,15 +882,19 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # where t
 
 
 def load_default_model(
-    dtype: torch.dtype = torch.float32, quantization: Quantization = None
+    dtype: torch.dtype = torch.float32,
+    quantization: Quantization = None,
+    device: torch.device | str | None = None,
 ) -> VisionLanguageModel:
     """The project's default model: the shipped trained one when present, else (until one ships) a fresh
     tower and projector around SmolLM2-135M-Instruct, which answers text questions but cannot see yet.
-    `quantization` ("4bit" / "8bit") loads the LM through bitsandbytes."""
+    `quantization` ("4bit" / "8bit") loads the LM through bitsandbytes; `device` as in `from_pretrained`."""
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return VisionLanguageModel.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, quantization=quantization)
+        return VisionLanguageModel.from_pretrained(
+            DEFAULT_MODEL_DIR, dtype=dtype, quantization=quantization, device=device
+        )
     torch.manual_seed(0)
-    return VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype, quantization=quantization)
+    return _placed(VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype, quantization=quantization), device)
 
 
 class ContextTooLong(ValueError):

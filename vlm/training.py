@@ -311,12 +311,24 @@ def plot_curves(records: list[dict[str, Any]], path: Path, keys: tuple[str, ...]
 
 
 def make_accelerator(bf16: bool, seed: int) -> Accelerator:
-    """The run's `accelerate.Accelerator` (bf16 autocast when asked), with torch's and Python's RNG seeded."""
+    """The run's `accelerate.Accelerator` (bf16 autocast when asked and the hardware has bf16 units), with
+    torch's and Python's RNG seeded. Where bf16 would be emulated (a CPU without AVX-512 BF16 or AMX, a GPU
+    before Ampere) the run trains in float32 and says so: emulated, it is two orders of magnitude slower."""
     from accelerate import Accelerator
 
+    from vlm.devices import native_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    emulated = bf16 and not native_bf16(device)
     # cpu=True on a machine without CUDA: accelerate then treats torchrun's WORLD_SIZE > 1 as multi-process
     # CPU (gloo); without it each process would train alone.
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    precision = "bf16" if bf16 and not emulated else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    if emulated:
+        accelerator.print(
+            f"train.bf16: this {device.upper()} has no bf16 units (bf16 would be emulated, ~100x slower): "
+            "training in float32"
+        )
     torch.manual_seed(seed)
     random.seed(seed)
     return accelerator
@@ -398,14 +410,18 @@ class Progress:
     def __init__(self, total: int, initial: int, desc: str, per_step: int, enabled: bool = True) -> None:
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled)
         self.per_step, self.seen, self.started = per_step, 0, time.perf_counter()
+        self.loss: float | None = None
 
-    def update(self, loss: float, lr: float) -> float:
-        """One step done: the bar moves and shows loss, LR and throughput; returns the samples per second
+    def update(self, loss: float | None, lr: float) -> float:
+        """One step done: the bar moves and shows loss (the last one given: None keeps it, so that a loop need
+        not read the loss off the accelerator every step), LR and throughput; returns the samples per second
         since this run (or resumed run) started."""
         self.seen += self.per_step
         rate = self.seen / (time.perf_counter() - self.started)
+        self.loss = loss if loss is not None else self.loss
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.1f}")
+        shown = f"{self.loss:.4f}" if self.loss is not None else "-"
+        self.bar.set_postfix(loss=shown, lr=f"{lr:.2e}", it_s=f"{rate:.1f}")
         return rate
 
     def close(self) -> None:

@@ -61,7 +61,9 @@ def embed_images(
         pixels = chunk if isinstance(chunk, torch.Tensor) else processor(list(chunk))
         features = model.get_image_features(pixels.to(param.device, param.dtype))
         out.append(F.normalize(features.float(), dim=-1))
-    return torch.cat(out) if out else torch.empty(0, model.config.vision_config.hidden_size)
+    if not out:
+        return torch.empty(0, model.config.vision_config.hidden_size, device=param.device)
+    return torch.cat(out)
 
 
 @torch.inference_mode()
@@ -75,7 +77,9 @@ def embed_texts(
     for start in range(0, len(texts), batch_size):
         ids = tokenize(tokenizer, texts[start : start + batch_size], length).to(param.device)
         out.append(F.normalize(model.get_text_features(ids).float(), dim=-1))
-    return torch.cat(out) if out else torch.empty(0, model.config.text_config.projection_size)
+    if not out:
+        return torch.empty(0, model.config.text_config.projection_size, device=param.device)
+    return torch.cat(out)
 
 
 def label_embeddings(
@@ -141,9 +145,12 @@ def parse_labels(text: str) -> list[str]:
 
 def load_dual_encoder(
     name_or_path: str | Path | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[SiglipModel, PreTrainedTokenizerBase]:
     """A SigLIP dual encoder and its tokenizer from one folder (what `train/pretrain_siglip.py` writes to
-    `<out_dir>/final`, or a hub id). None means the shipped default, `DEFAULT_SIGLIP_DIR`."""
+    `<out_dir>/final`, or a hub id). None means the shipped default, `DEFAULT_SIGLIP_DIR`. The model goes to
+    `device` (None: the CPU) in `dtype` (None: float32); the functions here move their inputs to it."""
     if name_or_path is None:
         if not (DEFAULT_SIGLIP_DIR / "config.json").is_file():
             raise FileNotFoundError(
@@ -152,7 +159,7 @@ def load_dual_encoder(
             )
         name_or_path = DEFAULT_SIGLIP_DIR
     folder = resolve_checkpoint(name_or_path, ["config.json", "*.safetensors", "*.json", "*.model"])
-    return load_siglip_model(folder), load_tokenizer(folder)
+    return load_siglip_model(folder, dtype=dtype, device=device), load_tokenizer(folder)
 
 
 # Tokenizer classes that are a plain `tokenizer.json` with nothing model-specific around it.

@@ -1,0 +1,144 @@
+"""Fine-tuning's input pipeline against the model it feeds: can batches be made faster than a GPU eats them?
+
+    .venv/bin/python bench/pipeline.py [--batch 64] [--steps 20] [--workers N]
+    .venv/bin/python bench/pipeline.py --smoke      # a few steps: the same path and table in seconds
+
+The data is the shipped recipe's (configs/easyvqa_offline.yaml: easy-VQA questions, emoji and flag captions,
+weights 1 / 0.5 / 1), tokenised by the default model's tokenizer and processed for its 64 px tower. Rows:
+
+- `prepare` (the reference: what the loop did before `vlm.pipeline`): `model.prepare` of each step's
+  conversations in the training process, every time;
+- `pipeline, cold`: `vlm.pipeline.StepBatches`, first epoch (every text tokenised, every image decoded);
+- `pipeline, warm`: the same builder later on, its token and pixel caches filled (an epoch of the recipe is
+  ~5,900 rows: from the second epoch on, every step is warm);
+- `pipeline, N workers`: a `DataLoader` with N worker processes building warm... and cold steps in parallel
+  (run where there are cores to spare; here they share the cores with nothing else).
+
+Then what the model consumes: one training step of the default model at the same batch on this machine's
+CPU (forward, backward, AdamW; bf16 autocast as the recipe where the CPU has bf16 units, else float32), and the figure a GPU must be fed at, the
+1,500 samples/s target of issue 12 for one H200. The verdict line compares the pipeline with 10x that, per
+worker and for the workers a 16-core GPU machine would run (`default_workers`: 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vlm.data import DataSpec, open_data  # noqa: E402
+from vlm.devices import native_bf16  # noqa: E402
+from vlm.pipeline import StepBatches, step_loader  # noqa: E402
+from vlm.training import Stream  # noqa: E402
+
+GPU_TARGET = 1500  # samples/s: issue 12's target for the shipped recipe on one H200
+GPU_WORKERS = 8  # what `default_workers` gives a 16-core GPU machine
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def sources(limit: int | None):
+    specs = [DataSpec("vqa", "easy-vqa", limit=limit), DataSpec("caption", "emoji", limit=limit),
+             DataSpec("caption", "flags", limit=limit)]  # fmt: skip
+    return [open_data(spec) for spec in specs], [1.0, 0.5, 1.0]
+
+
+def rate(run, steps: int, batch: int) -> float:
+    start = time.perf_counter()
+    run()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--smoke", action="store_true", help="a few steps of a small sample: seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.steps, args.workers = 4, 2, 1
+    from vlm.model import load_default_model
+
+    torch.manual_seed(0)
+    model = load_default_model()
+    data, weights = sources(32 if args.smoke else None)
+    stream = Stream([len(s) for s in data], weights, seed=0)
+    preparer = model.preparer
+
+    def builder() -> StepBatches:
+        return StepBatches(data, stream, preparer, batch_size=args.batch, max_length=128)
+
+    def conversations(step: int, b: StepBatches) -> list:
+        return [b.conversation(step, key) for key in stream.step_rows(step, args.batch)[0]]
+
+    steps = range(args.steps)
+    ref = builder()
+    rows = {"prepare (reference)": rate(lambda: [model.prepare(conversations(s, ref), max_length=128) for s in steps],
+                                        args.steps, args.batch)}  # fmt: skip
+    warm = builder()
+    rows["pipeline, cold"] = rate(lambda: [warm[s] for s in steps], args.steps, args.batch)
+    rows["pipeline, warm"] = rate(lambda: [warm[s] for s in steps], args.steps, args.batch)
+    fresh = builder()
+    rows[f"pipeline, {args.workers} workers, cold"] = rate(
+        lambda: list(step_loader(fresh, 0, args.steps, args.workers)), args.steps, args.batch
+    )
+
+    # what the model consumes: one training step of the default model at this batch, on this CPU
+    batch = warm[0].batches[0]
+    model.freeze(("vision", "lm"))  # the projector trains (and LoRA, which the loaded adapter brings along)
+    for name, p in model.named_parameters():
+        p.requires_grad |= "lora_" in name
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+
+    bf16 = native_bf16("cpu")  # as train/finetune.py: bf16 autocast only where the CPU has bf16 units
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum",
+                        image_index=batch.image_index, learned_index=batch.learned_index,
+                        learned_targets=batch.learned_targets)  # fmt: skip
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # warm-up
+    n = 1 if args.smoke else 3
+    consumed = rate(lambda: [step() for _ in range(n)], n, args.batch)
+
+    print(f"input pipeline, batch {args.batch}, {args.steps} steps; {cpu_name()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}")  # fmt: skip
+    reference = rows["prepare (reference)"]
+    print(f"{'':<34}{'samples/s':>11}{'vs prepare':>12}")
+    for name, value in rows.items():
+        print(f"{name:<34}{value:>11,.0f}{value / reference:>11.2f}x")
+    print(f"{'model step (this CPU, consumes)':<34}{consumed:>11,.1f}")
+    per_worker = rows["pipeline, warm"]
+    print(
+        f"pipeline warm / model step here: {per_worker / consumed:,.0f}x; one worker / GPU target "
+        f"({GPU_TARGET:,}/s): {per_worker / GPU_TARGET:.1f}x; {GPU_WORKERS} workers: "
+        f"{GPU_WORKERS * per_worker / GPU_TARGET:.1f}x (>= 10x wanted)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Fine-tuning's input pipeline (vlm.pipeline): a step's batches equal, bit for bit, what `model.prepare` makes of
+the same rows (first epoch and cached later ones, in this process and from DataLoader workers), bad rows are
+dropped and reported with their step, and the forward pass with the CPU-computed learned and image positions
+equals the one that finds them itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.data.named import DataSpec, open_data
+from vlm.model import Batch, VisionLanguageModel
+from vlm.pipeline import StepBatches, default_workers, step_loader
+from vlm.training import Stream
+
+
+@pytest.fixture(scope="module")
+def model(parts) -> VisionLanguageModel:
+    from tiny import build
+
+    return build(parts)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> list:
+    """Captions (several a row: a prompt and a caption drawn per visit) with an unreadable image, and VQA rows."""
+    root = tmp_path_factory.mktemp("rows")
+    colours = {"red": (200, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 200)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (20, 12), rgb).save(root / f"{name}.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    captions = [{"image": f"{n}.png", "text": [f"a {n} box", f"{n}"]} for n in colours]
+    captions.append({"image": "broken.png", "text": "nothing"})
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    vqa = [{"image": f"{n}.png", "question": f"Is it {m}?", "answers": ["yes" if n == m else "no"]}
+           for n in colours for m in colours]  # fmt: skip
+    (root / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
+    return [
+        open_data(DataSpec("caption", str(root / "captions.jsonl"))),
+        open_data(DataSpec("vqa", str(root / "vqa.jsonl"))),
+    ]
+
+
+def builder(model: VisionLanguageModel, sources: list, **options) -> StepBatches:
+    stream = Stream([len(s) for s in sources], [2.0, 1.0], seed=3)
+    return StepBatches(
+        sources, stream, model.preparer, batch_size=3, grad_accum=2, max_length=512, seed=3, **options
+    )
+
+
+def assert_same(a: Batch, b: Batch) -> None:
+    for key, value in vars(a).items():
+        other = getattr(b, key)
+        assert (value is None) == (other is None), key
+        if value is not None:
+            assert value.dtype == other.dtype and torch.equal(value, other), key
+
+
+def test_a_steps_batches_equal_prepare_of_its_rows_in_every_epoch(model, sources) -> None:
+    batches = builder(model, sources)
+    steps = 2 * batches.stream.epoch_len // 6 + 1  # two epochs and a bit: every text and image seen again
+    bad = {}
+    for step in range(steps):
+        item = batches[step]
+        bad |= item.bad
+        keys = batches.stream.step_rows(step, 3, 2)
+        for rows, batch in zip(keys, item.batches, strict=True):
+            good = [k for k in rows if k not in bad]
+            # what the loop did before the pipeline: model.prepare of the step's usable rows
+            expected = model.prepare([batches.conversation(step, k) for k in good], max_length=512)
+            assert_same(batch, expected)
+    assert list(bad) == [(0, 3)] and bad[(0, 3)][0] == "unreadable image"  # reported once, with its step
+    assert len(batches.tokens) < steps * 6 and batches.pixels.entries  # texts and pixels were reused
+
+
+def test_dataloader_workers_build_the_same_steps_in_order(model, sources) -> None:
+    here = list(step_loader(builder(model, sources), 2, 7, workers=0))
+    there = list(step_loader(builder(model, sources), 2, 7, workers=2))
+    assert [i.step for i in there] == [2, 3, 4, 5, 6]
+    # each worker finds a bad row itself (so may report it again); the run keeps one entry per row
+    assert {k: v for i in here for k, v in i.bad.items()} == {k: v for i in there for k, v in i.bad.items()}
+    for a, b in zip(here, there, strict=True):
+        for x, y in zip(a.batches, b.batches, strict=True):
+            assert_same(x, y)
+
+
+def test_no_workers_on_the_cpu_and_one_for_a_stream() -> None:
+    assert default_workers(torch.device("cpu"), streamed=False) == 0
+    assert default_workers(torch.device("cuda"), streamed=True) == 1
+    assert default_workers(torch.device("cuda"), streamed=False) >= 0
+
+
+def test_the_forward_pass_with_cpu_positions_equals_the_one_that_finds_them(model, sources) -> None:
+    batch = builder(model, sources)[0].batches[0]
+    assert batch.pixel_values is not None and len(batch.learned_index) == batch.num_learned > 0
+    plain = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum")
+    indexed = model(
+        batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum",
+        image_index=batch.image_index, learned_index=batch.learned_index, learned_targets=batch.learned_targets,
+    )  # fmt: skip
+    assert torch.equal(plain.logits, indexed.logits) and torch.equal(plain.loss, indexed.loss)
+    embeds = model.embed(batch.input_ids, batch.pixel_values)
+    assert torch.equal(
+        embeds, model.embed(batch.input_ids, batch.pixel_values, image_index=batch.image_index)
+    )
+    with pytest.raises(ValueError, match="image tokens, but 1 images"):
+        model.embed(batch.input_ids, batch.pixel_values[:1], image_index=batch.image_index)
+
+
+@pytest.mark.gpu  # pinning needs a CUDA driver
+def test_pinned_items_keep_their_values(model, sources) -> None:
+    item = builder(model, sources)[0]
+    for a, b in zip(item.batches, item.pin_memory().batches, strict=True):
+        assert_same(a, b)
