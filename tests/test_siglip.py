@@ -8,7 +8,8 @@ from hf_models import hf_siglip, hf_vision, randomize_, save
 from transformers import SiglipVisionConfig as HFVisionConfig
 from transformers import SiglipVisionModel
 
-from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+import vlm.siglip
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder, kernel_choice, pin_kernel
 from vlm.weights import load_vision_encoder
 
 EXACT = dict(atol=1e-5, rtol=0.0)
@@ -42,8 +43,18 @@ def assert_same_outputs(ours: SiglipVisionEncoder, hf: SiglipVisionModel, pixels
         torch.testing.assert_close(a, b, **EXACT)
 
 
+@pytest.fixture(params=["measured", "onednn", "aten"])
+def kernel(request, monkeypatch) -> str:
+    """Each CPU linear kernel the tower may pick (`vlm.siglip.kernel_choice`): the one measured here, and
+    each forced, so that parity holds whichever a machine measures as faster."""
+    monkeypatch.setattr(vlm.siglip, "_CHOICES", {})
+    if request.param != "measured":
+        pin_kernel(torch.float32, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_matches_reference_loaded_through_load_vision_encoder(name: str, tmp_path) -> None:
+def test_matches_reference_loaded_through_load_vision_encoder(name: str, kernel: str, tmp_path) -> None:
     hf = hf_vision(**CONFIGS[name])
     ours = load_vision_encoder(save(hf, tmp_path))
     size = hf.config.image_size
@@ -107,6 +118,19 @@ def test_base_shape_keys_and_outputs_match_reference() -> None:
     assert got.last_hidden_state.shape == (2, 196, 768) and got.pooler_output.shape == (2, 768)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **EXACT)
     torch.testing.assert_close(got.pooler_output, want.pooler_output, **EXACT)
+
+
+def test_the_kernel_is_chosen_once_by_measuring_or_as_pinned(monkeypatch) -> None:
+    monkeypatch.setattr(vlm.siglip, "_CHOICES", {})
+    first = kernel_choice(torch.float32)
+    assert first in ("onednn", "aten") and {torch.float32: first} == vlm.siglip._CHOICES  # measured, kept
+    monkeypatch.setattr(vlm.siglip, "_measure", lambda dtype: pytest.fail("measured twice"))
+    assert kernel_choice(torch.float32) == first
+    pin_kernel(torch.float32, "aten")
+    assert kernel_choice(torch.float32) == "aten"
+    assert kernel_choice(torch.float16) == "aten"  # oneDNN's fused linear is not used for float16
+    with pytest.raises(ValueError, match="does not run torch.float16"):
+        pin_kernel(torch.float16, "onednn")
 
 
 def test_bf16_stays_close_to_fp32() -> None:

@@ -27,6 +27,7 @@ Deliberate deviations from the reference
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,13 +59,17 @@ def linear(
       on the bf16 forward.
     The op has no backward, so training (and every other device or dtype) takes the plain path. In fp32 the
     two paths round differently, by ~2e-6 per matmul and within 1e-5 of transformers after the 12 layers.
+
+    Which kernel is faster depends on the CPU, not on its vendor alone (an Intel Xeon with AMX runs bf16
+    `torch.mm` at 1,652 GFLOP/s and this oneDNN linear at 705; an AVX2-only EPYC has no bf16 path at all), so
+    the choice is measured on the machine at hand, once per dtype and process (`kernel_choice`).
     """
     if (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
         # inductor picks its own kernels (and lowers this op only for frozen weights)
         and not torch.compiler.is_compiling()
-        and x.dtype in _onednn_dtypes()
+        and kernel_choice(x.dtype) == "onednn"
     ):
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
@@ -75,6 +80,49 @@ def linear(
     if gelu is not None:
         x = F.gelu(x, approximate=gelu)
     return x if residual is None else residual + x
+
+
+_CHOICES: dict[torch.dtype, str] = {}  # dtype -> "onednn" or "aten", measured once per process
+
+
+def kernel_choice(dtype: torch.dtype) -> str:
+    """The faster of oneDNN's fused linear ("onednn") and `F.linear` + GELU ("aten") for CPU inference in
+    `dtype`, timed on a SigLIP-B MLP shape (784 tokens x 768 -> 3,072, GELU) the first time it is asked:
+    three interleaved rounds, median, ~0.3 s once per process (kept in memory only: a tower knows nothing
+    of files). `pin_kernel` decides instead."""
+    if dtype not in _CHOICES:
+        _CHOICES[dtype] = _measure(dtype) if dtype in _onednn_dtypes() else "aten"
+    return _CHOICES[dtype]
+
+
+def pin_kernel(dtype: torch.dtype, choice: str) -> None:
+    """Use `choice` ("onednn" or "aten") for CPU inference in `dtype` from now on, instead of measuring (to
+    compare the two, or to make a run independent of a timing)."""
+    if choice not in ("onednn", "aten"):
+        raise ValueError(f"choice must be 'onednn' or 'aten', got {choice!r}")
+    if choice == "onednn" and dtype not in _onednn_dtypes():
+        raise ValueError(f"oneDNN's fused linear does not run {dtype} on this CPU")
+    _CHOICES[dtype] = choice
+
+
+def _measure(dtype: torch.dtype) -> str:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(784, 768, generator=generator).to(dtype)
+    weight, bias = torch.randn(3072, 768, generator=generator).to(dtype), torch.zeros(3072, dtype=dtype)
+    kernels = {
+        "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh"),
+        "aten": lambda: F.gelu(F.linear(x, weight, bias), approximate="tanh"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    with torch.no_grad():
+        for kernel in kernels.values():  # warm-up: first calls allocate and pick code paths
+            kernel()
+        for _ in range(3):
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel()
+                times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: sorted(times[name])[1])
 
 
 def _onednn_dtypes() -> tuple[torch.dtype, ...]:
