@@ -25,16 +25,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
+import smoke  # bench/smoke.py: the --smoke stand-ins (this folder is on sys.path)
 from gradio_client import Client, handle_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from demo.app import EXAMPLES, ModelInfo, launch
-from vlm.lm import DEFAULT_LM, resolve_lm_source
-from vlm.model import DEFAULT_CONFIG, VisionLanguageModel
-from vlm.siglip import SiglipVisionConfig
 
 
 @dataclass
@@ -69,26 +65,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def smoke_model() -> VisionLanguageModel:
-    """The default model's design (pixel shuffle f=2, pooled token, its system prompt) at a tiny random
-    size: a 2-layer Llama with SmolLM2's tokenizer (the one file read: no GGUF weights, no default model)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_source(DEFAULT_LM))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    lm = LlamaForCausalLM(config).eval()
-    tower = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )  # fmt: skip
-    projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=32, text_hidden_size=48)
-    return VisionLanguageModel.build(
-        replace(DEFAULT_CONFIG, vision=tower, projector=projector), lm=(lm, tokenizer)
-    )
 
 
 def run(url: str, clients: int, requests: int, max_new_tokens: int) -> list[Result]:
@@ -138,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             port = s.getsockname()[1]
         if args.smoke:
             info = ModelInfo("tiny random model (smoke run: its figures mean nothing)", "nothing")
-            app, url = launch(model=smoke_model(), model_info=info, port=port, block=False)
+            app, url = launch(model=smoke.default_model(), model_info=info, port=port, block=False)
         else:
             app, url = launch(args.model, port=port, block=False)
     try:

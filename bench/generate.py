@@ -43,14 +43,13 @@ from itertools import pairwise
 from pathlib import Path
 from statistics import median
 
+import smoke as stand_in  # bench/smoke.py: the --smoke stand-ins (this folder is on sys.path)
 import torch
 import transformers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from vlm.conversation import user
-from vlm.lm import DEFAULT_LM, resolve_lm_source
-from vlm.model import DEFAULT_CONFIG, VisionLanguageModel, VLMConfig, load_default_model
+from vlm.model import VisionLanguageModel, VLMConfig, load_default_model
 from vlm.projector import Projector, ProjectorConfig
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
 
@@ -208,36 +207,11 @@ class Case:
         return median(self.parts[name])
 
 
-# --smoke: tiny random stand-ins, so the whole benchmark runs in seconds (tests/test_bench.py runs it).
-SMOKE_DEFAULT_TOWER = SiglipVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)  # a 4x4 grid, pixel-shuffled to 4 tokens + the pooled one, as the default's 8x8 grid is to 16 + 1
-SMOKE_BASE_TOWER = replace(SMOKE_DEFAULT_TOWER, image_size=64)  # 8x8 patches: the projectors differ
-
-
-def smoke_default(dtype: torch.dtype) -> VisionLanguageModel:
-    """The default model's design (pixel shuffle f=2, pooled token, its system prompt) at a tiny random size:
-    a 2-layer Llama with SmolLM2's tokenizer (the one file read: no GGUF weights, no default model)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_source(DEFAULT_LM))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    lm = LlamaForCausalLM(config).eval()
-    projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=32, text_hidden_size=48)
-    vlm_config = replace(DEFAULT_CONFIG, vision=SMOKE_DEFAULT_TOWER, projector=projector)
-    return VisionLanguageModel.build(vlm_config, dtype, lm=(lm.to(dtype), tokenizer))
+SMOKE_BASE_TOWER = replace(stand_in.TOWER, image_size=64)  # --smoke: 8x8 patches, so the projectors differ
 
 
 def build_cases(dtype: torch.dtype, smoke: bool = False) -> list[Case]:
-    default = smoke_default(dtype) if smoke else load_default_model(dtype)
+    default = stand_in.default_model(dtype) if smoke else load_default_model(dtype)
     lm, tokenizer = default.lm, default.tokenizer
     torch.manual_seed(0)
     # the base tower: google/siglip-base-patch16-224's shape (224x224, 16x16 patches, 86M)

@@ -11,13 +11,17 @@ weights 1 / 0.5 / 1), tokenised by the default model's tokenizer and processed f
 - `pipeline, cold`: `vlm.pipeline.StepBatches`, first epoch (every text tokenised, every image decoded);
 - `pipeline, warm`: the same builder later on, its token and pixel caches filled (an epoch of the recipe is
   ~5,900 rows: from the second epoch on, every step is warm);
-- `pipeline, N workers`: a `DataLoader` with N worker processes building warm... and cold steps in parallel
-  (run where there are cores to spare; here they share the cores with nothing else).
+- `pipeline, N workers, cold`: a `DataLoader` with N worker processes building first-epoch steps in parallel
+  (they share this machine's cores with the training process: run where there are cores to spare).
 
 Then what the model consumes: one training step of the default model at the same batch on this machine's
-CPU (forward, backward, AdamW; bf16 autocast as the recipe where the CPU has bf16 units, else float32), and the figure a GPU must be fed at, the
-1,500 samples/s target of issue 12 for one H200. The verdict line compares the pipeline with 10x that, per
-worker and for the workers a 16-core GPU machine would run (`default_workers`: 8).
+CPU (forward, backward, AdamW; bf16 autocast as the recipe where the CPU has bf16 units, else float32), and
+the figure a GPU must be fed at, the 1,500 samples/s target of issue 12 for one H200. The verdict line
+compares the pipeline with 10x that, per worker and for the workers a 16-core GPU machine would run
+(`default_workers`: 8).
+
+Packing (several conversations in one row with a block-diagonal mask, as nanoVLM does) pays back the padding
+a batch carries; the padding line says how much that is on this data: the most packing could save.
 """
 
 from __future__ import annotations
@@ -101,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         lambda: list(step_loader(fresh, 0, args.steps, args.workers)), args.steps, args.batch
     )
 
+    # padding: the share of a padded batch's positions that hold real tokens, i.e. the most that packing
+    # conversations into full rows (nanoVLM's knapsack packing, a block-diagonal mask) could save
+    real = padded = 0
+    for s in steps:
+        for b in warm[s].batches:
+            real += int(b.attention_mask.sum())
+            padded += b.attention_mask.numel()
+
     # what the model consumes: one training step of the default model at this batch, on this CPU
     batch = warm[0].batches[0]
     model.freeze(("vision", "lm"))  # the projector trains (and LoRA, which the loaded adapter brings along)
@@ -131,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows.items():
         print(f"{name:<34}{value:>11,.0f}{value / reference:>11.2f}x")
     print(f"{'model step (this CPU, consumes)':<34}{consumed:>11,.1f}")
+    print(
+        f"padding: {real / padded:.1%} of the batches' positions are real tokens, so packing could save at most "
+        f"{1 - real / padded:.1%} of the LM's work on this data"
+    )
     per_worker = rows["pipeline, warm"]
     print(
         f"pipeline warm / model step here: {per_worker / consumed:,.0f}x; one worker / GPU target "

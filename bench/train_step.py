@@ -68,6 +68,8 @@ from peft import LoraConfig, get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import smoke  # noqa: E402  (bench/smoke.py: the --smoke stand-ins; this folder is on sys.path)
+
 from vlm.data import DataSpec, open_data  # noqa: E402
 from vlm.lm import DEFAULT_LM, resolve_lm_source  # noqa: E402
 from vlm.lora import LoraSettings, add_lora  # noqa: E402
@@ -78,14 +80,7 @@ from vlm.siglip import SiglipVisionConfig  # noqa: E402
 TOWERS = {
     "default": DEFAULT_CONFIG.vision,  # the offline default's tower shape: 64²/8, 6 layers, 192 wide
     "b16": SiglipVisionConfig(),  # SigLIP B/16-224's: 224²/16, 12 layers, 768 wide, 12 heads, MLP 3072
-    "tiny": SiglipVisionConfig(  # --smoke
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    ),
+    "tiny": smoke.TOWER,  # --smoke
 }
 FEATURE_LAYER = -2
 LORA = LoraSettings(r=16, alpha=32, dropout=0.0)

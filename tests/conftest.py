@@ -59,6 +59,16 @@ def parts(smollm2_folder):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_folder(parts, tmp_path_factory):
+    """The tiny LM and SmolLM2's tokenizer saved to a folder: what `model.lm` names in the training tests."""
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    lm, tokenizer = parts
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def default_model(smollm2_folder):
     """The project's default model (`load_default_model()`, float32), loaded once for the session. Tests only
     read it (ask, chat, evaluate); one that changes it works on a `copy.deepcopy`."""

@@ -254,14 +254,6 @@ def test_random_yaml_structures_give_a_config_or_a_config_error(script, tmp_path
 # -- data rows whose image is not an image ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    parts[0].save_pretrained(folder)
-    parts[1].save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def hostile_rows(tmp_path) -> Path:
     """A VQA JSONL: 3 good rows, a 0-byte image, a decompression bomb, `"image": 123` and a missing file."""
@@ -293,11 +285,11 @@ def test_reading_refuses_an_image_field_that_is_no_path(hostile_rows) -> None:
 
 @pytest.mark.parametrize("batch_size", [4, 1])  # 1: a micro-batch of only a bad row borrows the next good one
 def test_finetune_skips_and_counts_unreadable_images_and_finishes(
-    batch_size, hostile_rows, tiny_lm, tmp_path, capsys
+    batch_size, hostile_rows, tiny_lm_folder, tmp_path, capsys
 ) -> None:
     out = tmp_path / "run"
     code = ft.main([
-        f"--model.lm={tiny_lm}", "--model.image_size=32", "--model.hidden_size=32", "--model.intermediate_size=64",
+        f"--model.lm={tiny_lm_folder}", "--model.image_size=32", "--model.hidden_size=32", "--model.intermediate_size=64",
         "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--lora.r=2", "--lora.alpha=4",
         f"--data.train=[{{kind: vqa, name: {hostile_rows}}}]", "--data.eval=null", f"--train.out_dir={out}",
         f"--train.batch_size={batch_size}", f"--train.steps={12 // batch_size}", "--train.warmup_steps=1",

@@ -27,6 +27,8 @@ def bench(name: str) -> ModuleType:
     module_name = f"bench_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
+    if str(ROOT / "bench") not in sys.path:  # as when a script runs: its folder first (bench/smoke.py)
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(module_name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -142,3 +144,4 @@ def test_pipeline_smoke_prints_its_table_and_verdict(capsys) -> None:
         assert lines_matching(out, rf"^{re.escape(row)} +[\d,]+ +\d+\.\d\dx$"), row
     assert lines_matching(out, r"^model step \(this CPU, consumes\) +[\d,.]+$")
     assert lines_matching(out, r"one worker / GPU target \(1,500/s\): [\d.]+x; 8 workers: [\d.]+x")
+    assert lines_matching(out, r"^padding: [\d.]+% of the batches' positions are real tokens")

@@ -52,15 +52,6 @@ def _data_cache(data_cache, monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_folder(parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    lm, tokenizer = parts
-    lm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tower(tmp_path_factory) -> Path:
     """A tiny SigLIP vision tower in transformers' format: what `model.vision` names in the shipped recipe."""
     folder = tmp_path_factory.mktemp("tower")

@@ -39,15 +39,6 @@ def _cpu(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_folder(parts, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    lm, tokenizer = parts
-    lm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def saved_model(parts, tiny_lm_folder, tmp_path_factory) -> Path:
     """A tiny VLM saved to a folder, its LM the tiny one's folder."""
     from tiny import build

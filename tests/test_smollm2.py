@@ -62,7 +62,7 @@ def test_vlm_ask_in_bfloat16_streams_the_default_models_answer(capsys, monkeypat
         return loaded[-1]
 
     monkeypatch.setattr(vlm.model, "load_default_model", load_default_model)
-    argv = ["ask", "What is the capital of France?", "--max-new-tokens", "20", "--dtype", "bfloat16"]
+    argv = ["ask", "What is the capital of France?", "--max-new-tokens", "8", "--dtype", "bfloat16"]
     assert main(argv) == 0
     assert "Paris" in capsys.readouterr().out
     (bf16,) = loaded
