@@ -246,6 +246,9 @@ def step_loader(
         for step in range(start, stop):
             yield batches[step]
         return
+    # Each worker tokenises on its own: the tokenizer's own thread pool, forked, could deadlock (Hugging Face
+    # tokenizers warns and turns it off); off from the start, quietly.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = torch.utils.data.DataLoader(
         batches,
         batch_size=None,  # an item is already a step's batches
