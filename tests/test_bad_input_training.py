@@ -99,7 +99,12 @@ def bad_value_cases() -> list[tuple[str, str, object, Rule]]:
     return cases
 
 
-@pytest.mark.parametrize(("script", "key", "value", "rule"), bad_value_cases(), ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize(
+    ("script", "key", "value", "rule"),
+    bad_value_cases(),
+    # stable ids (a Rule's repr holds its function's address), so every pytest-xdist worker collects the same
+    ids=lambda x: x.text if isinstance(x, Rule) else str(x)[:40],
+)
 def test_a_value_that_breaks_its_rule_is_named_with_the_rule(script, key, value, rule) -> None:
     head, _, leaf = key.rpartition(".")
     source = {"kind": "vqa", "name": "easy-vqa"} if script == "finetune" else {"name": "emoji"}
