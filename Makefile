@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 # Two pytest workers, one thread each: most of the slow tests wait on single-threaded work (imports, process
-# start-up, gloo and demo subprocesses), so two at once take ~3.8 min here where one after the other took ~6;
+# start-up, gloo and demo subprocesses), so two at once take ~4 min here where one after the other took ~6;
 # one torch thread each keeps the two from fighting for the cores (oversubscribed, OpenMP spins).
 TEST_WORKERS ?= 2
 

@@ -119,6 +119,7 @@ class Decoding:
         self.held: threading.Event | None = None  # the stop of the answer being held
         self._hold_at: int | None = None
         self._block = True
+        self._until_cancel = False
         self._credits = 0  # steps the held answer may take without its stop
         self._changed = threading.Condition()
         emit, cancel_tasks = DecodeBatch._emit_and_retire, gradio.routes.cancel_tasks
@@ -142,9 +143,9 @@ class Decoding:
                 self._changed.notify_all()
                 if self.held in stops and self.held not in self.left and self._block and not self.timed_out:
                     deadline = time.monotonic() + HOLD_TIMEOUT
-                    while not (self.held.is_set() or self._credits) and time.monotonic() < deadline:
+                    while not (self._released() or self._credits) and time.monotonic() < deadline:
                         self._changed.wait(0.01)
-                    self.timed_out = not (self.held.is_set() or self._credits)
+                    self.timed_out = not (self._released() or self._credits)
                     self._credits = max(0, self._credits - 1)
 
         async def counted(task_ids: set[str]) -> list[str]:
@@ -157,11 +158,17 @@ class Decoding:
         monkeypatch.setattr(DecodeBatch, "_emit_and_retire", watched)
         monkeypatch.setattr(gradio.routes, "cancel_tasks", counted)
 
-    def hold(self, step: int, block: bool = True) -> None:
+    def hold(self, step: int, block: bool = True, until_cancel: bool = False) -> None:
         """Hold the next answer to reach `step` (one answer at a time); with `block=False` only note its
-        stop event (`wait_held`) and let it run."""
+        stop event (`wait_held`) and let it run. `until_cancel`: once stopped, it still waits for Gradio's
+        `/cancel`, so the stream cannot end before the page has asked for it (a race otherwise: a page that sees
+        the stream end first has nothing left to cancel)."""
         with self._changed:
             self.held, self._hold_at, self._credits, self._block = None, step, 0, block
+            self._until_cancel = until_cancel
+
+    def _released(self) -> bool:
+        return self.held.is_set() and (not self._until_cancel or self.cancels > 0)
 
     def wait_cancels(self, n: int) -> None:
         """Until Gradio has received `n` cancel requests in all."""

@@ -136,7 +136,7 @@ def test_stop_and_clear_end_the_answer(page, decoding, button) -> None:
     step, so the click lands mid-answer; at most one more step runs after its stop."""
     from playwright.sync_api import expect
 
-    decoding.hold(3)
+    decoding.hold(3, until_cancel=button == "#chat-stop")
     ask(page, STORY)
     stop = decoding.wait_held()
     expect(last_answer(page)).not_to_be_empty()  # it is streaming
