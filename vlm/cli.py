@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "file, a folder, or a hub id",
     )
     evaluate.add_argument("--subset", help="the hub dataset's configuration")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", default="test", help="default: test (a local file takes any split name)")
     evaluate.add_argument(
         "--column",
         action="append",
