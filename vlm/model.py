@@ -4,9 +4,9 @@
     input embeddings at the image placeholder tokens -> LM -> text
 
 References: LLaVA (Liu et al., 2023) for the design — frozen-or-LoRA LM, a projector, image tokens in the
-chat; nanoVLM and SmolVLM for the small scale. The splice is a boolean mask and `masked_scatter`, and the
-LM is any Hugging Face causal LM driven with `inputs_embeds`, so its generation (KV cache, sampling) is
-used as is.
+chat; nanoVLM and SmolVLM for the small scale. The splice copies the image embeddings to the placeholders'
+flat positions (`index_copy`), and the LM is any Hugging Face causal LM driven with `inputs_embeds`, so its
+generation (KV cache, sampling) is used as is.
 
 Deliberate choices
 - One placeholder token is added to the tokenizer (the LM's embedding matrix grows by one row); its input
@@ -179,6 +179,19 @@ class Batch:
         return replace(self, **{k: None if v is None else f(v) for k, v in vars(self).items()})
 
 
+def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """The image placeholders' positions in the flat (B * L) token ids, in row-major order."""
+    return (input_ids.reshape(-1) == image_token_id).nonzero().squeeze(1)
+
+
+def learned_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in the flat (B * (L - 1)) where a token is learned — position t predicts token t + 1 — and the
+    tokens learned there)."""
+    targets = labels[:, 1:].reshape(-1)
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return index, targets[index]
+
+
 @dataclass
 class Preparer:
     """Conversations -> a `Batch`: what `VisionLanguageModel.prepare` does, without the model, so that data
@@ -223,10 +236,8 @@ class Preparer:
         if for_generation:
             return Batch(input_ids, attention_mask, pixel_values)
         labels = pad([e.labels for e in encoded], IGNORE_INDEX, side)
-        targets = labels[:, 1:].reshape(-1)
-        learned = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        image_index = (input_ids.reshape(-1) == self.image_token_id).nonzero().squeeze(1)
-        return Batch(input_ids, attention_mask, pixel_values, labels, image_index, learned, targets[learned])
+        image_index = image_positions(input_ids, self.image_token_id)
+        return Batch(input_ids, attention_mask, pixel_values, labels, image_index, *learned_positions(labels))
 
     def with_system_prompt(self, conversation: Sequence[Message]) -> list[Message]:
         if self.system_prompt is None or (conversation and conversation[0].get("role") == "system"):
@@ -328,38 +339,23 @@ class VisionLanguageModel(nn.Module):
         (num_images, tokens_per_image, D_lm), in placeholder order, row by row. `image_index` (a training
         `Batch`'s: the placeholders' flat positions, found on the CPU) splices without a host-device sync."""
         embeds = self.lm.get_input_embeddings()(input_ids)
-        if image_index is not None:
-            if image_embeds is None and pixel_values is not None and len(pixel_values):
-                image_embeds = self.encode_images(pixel_values)
-            if image_embeds is None:
-                if len(image_index):
-                    raise ValueError(
-                        f"the prompt holds {len(image_index)} image tokens but no image was given"
-                    )
-                return embeds
-            flat = image_embeds.reshape(-1, embeds.shape[-1])
-            if len(image_index) != len(flat):  # shapes only: no sync
-                raise ValueError(
-                    f"the prompt holds {len(image_index)} image tokens, but {image_embeds.shape[0]} images x "
-                    f"{image_embeds.shape[1]} tokens were given"
-                )
-            spliced = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_index, flat.to(embeds.dtype))
-            return spliced.view_as(embeds)
-        is_image = input_ids == self.image_token_id  # (B, L)
-        wanted = int(is_image.sum())
+        if image_index is None:  # found here: on an accelerator, a host-device sync
+            image_index = image_positions(input_ids, self.image_token_id)
         if image_embeds is None and pixel_values is not None and len(pixel_values):
             image_embeds = self.encode_images(pixel_values)  # (n, T, D)
         if image_embeds is None:
-            if wanted:
-                raise ValueError(f"the prompt holds {wanted} image tokens but no image was given")
+            if len(image_index):
+                raise ValueError(f"the prompt holds {len(image_index)} image tokens but no image was given")
             return embeds
-        if wanted != image_embeds.shape[0] * image_embeds.shape[1]:
+        flat = image_embeds.reshape(-1, embeds.shape[-1])
+        if len(image_index) != len(flat):
             raise ValueError(
-                f"the prompt holds {wanted} image tokens, but {image_embeds.shape[0]} images x "
+                f"the prompt holds {len(image_index)} image tokens, but {image_embeds.shape[0]} images x "
                 f"{image_embeds.shape[1]} tokens were given"
             )
-        # masked_scatter fills the True positions in row-major order: image 0's tokens, then image 1's, ...
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        # the positions in row-major order: image 0's tokens, then image 1's, ...
+        spliced = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_index, flat.to(embeds.dtype))
+        return spliced.view_as(embeds)
 
     def forward(
         self,
@@ -386,10 +382,8 @@ class VisionLanguageModel(nn.Module):
         hidden = decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        if learned_index is None:  # position t predicts token t + 1
-            targets = labels[:, 1:].reshape(-1)
-            learned_index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # a sync on an accelerator
-            learned_targets = targets[learned_index]
+        if learned_index is None:  # found here: on an accelerator, a host-device sync
+            learned_index, learned_targets = learned_positions(labels)
         picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, learned_index)
         logits = self.lm.get_output_embeddings()(picked)  # (n_learned, V)
         loss = F.cross_entropy(logits.float(), learned_targets, reduction=reduction)
