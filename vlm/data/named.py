@@ -56,7 +56,8 @@ import datasets
 from datasets import Image as ImageFeature
 
 from vlm.conversation import Message, user
-from vlm.data.common import SkipReport, random_sample, skip_report
+from vlm.data.common import MALFORMED_LINE, SkipReport, random_sample, skip_report
+from vlm.data.files import read_jsonl
 from vlm.generation import image_key
 from vlm.processing import ImageLoadError, load_image
 
@@ -233,37 +234,27 @@ def _peek(data: datasets.IterableDataset) -> dict[str, Any] | None:
 
 
 def _read_json_rows(path: Path) -> tuple[list[dict[str, Any]], SkipReport]:
-    """A `.jsonl` (one object a line) or `.json` (an array of objects) file's rows, the bad ones counted."""
+    """A `.jsonl` (one object a line) or `.json` (an array of objects, or columns of one length) file's rows,
+    the bad ones counted."""
     report = SkipReport(path.name)
-    text = path.read_text(encoding="utf-8", errors="replace")
-    rows: list[dict[str, Any]] = []
-    try:
-        whole = json.loads(text)
+    try:  # a .jsonl is JSON Lines (a one-line file is no table by columns); a .json that does not parse, too
+        whole = None if path.suffix.lower() == ".jsonl" else json.loads(path.read_text("utf-8", "replace"))
     except json.JSONDecodeError:
         whole = None
-    if isinstance(whole, list):
-        items = [(f"item {i}", item) for i, item in enumerate(whole)]
-    elif isinstance(whole, dict) and _columnar(whole):  # {"image": [...], "question": [...]}
-        items = [
-            (f"item {i}", dict(zip(whole, values, strict=True)))
-            for i, values in enumerate(zip(*whole.values(), strict=True))
-        ]
-    elif isinstance(whole, dict):
-        items = [("the file", whole)]
+    if whole is None:  # line by line, as the caption readers do
+        items = list(read_jsonl(path))
     else:
-        items = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                report.add("malformed line", f"line {number}: not JSON ({err.msg})")
-    for ref, item in items:
+        if isinstance(whole, dict) and _columnar(whole):  # {"image": [...], "question": [...]}
+            whole = [dict(zip(whole, values, strict=True)) for values in zip(*whole.values(), strict=True)]
+        items = list(enumerate(whole if isinstance(whole, list) else [whole]))
+    ref = "line" if whole is None else "item"
+    rows: list[dict[str, Any]] = []
+    for number, item in items:
         if isinstance(item, dict):
             rows.append(item)
-        else:
-            report.add("malformed line", f"{ref}: expected a JSON object, got {type(item).__name__}")
+        else:  # read_jsonl's reason, or a value that is no object
+            why = item if whole is None else f"expected a JSON object, got {type(item).__name__}"
+            report.add(MALFORMED_LINE, f"{ref} {number}: {why}")
     report.total += len(rows)
     if not rows:
         raise DataError(f"{path}: no JSON object in it ({report.summary()})")
