@@ -241,7 +241,7 @@ def one_step(cfg: ft.FinetuneConfig) -> tuple[dict, dict, list[int], int]:
     tokens in each micro-batch, and how often the MLP of the LM's first decoder layer ran forward."""
     run = ft.setup(cfg, resume=False)
     before = {k: v.detach().clone() for k, v in run.core.state_dict().items()}
-    tokens = [int((b.labels[:, 1:] != -100).sum()) for b in ft.micro_batches(run)]
+    tokens = [int((b.labels[:, 1:] != -100).sum()) for b in run.batches[run.step].batches]
     mlp = next(m for n, m in run.core.lm.named_modules() if n.endswith("layers.0.mlp"))
     calls, forward = [], mlp.forward
 

@@ -492,13 +492,6 @@ def log_skips(log: Callable[[str], None], report: SkipReport | None) -> None:
         log(f"  {reason}, e.g. " + "; ".join(details))
 
 
-def micro_batches(run: Run) -> list[Batch]:
-    """This step's micro-batches for this process, each a prepared Batch; bad rows dropped and counted."""
-    item = run.batches[run.step]
-    run.bad |= item.bad
-    return item.batches
-
-
 def train_step(run: Run, batches: list[Batch]) -> torch.Tensor:
     """One optimizer step over this process's micro-batches; returns the step's loss per learned token over
     all processes (the loss scaling of the module docstring), as a tensor on the device.
