@@ -338,9 +338,13 @@ def load_model(
         shipped = (DEFAULT_MODEL_DIR / "config.json").is_file()
         info = describe_model(DEFAULT_MODEL_DIR if shipped else None)
         return load_default_model(dtype, device=device), info
+    from vlm.lm import VLM_FILES, hub_vlm
     from vlm.weights import resolve_checkpoint
 
-    folder = resolve_checkpoint(model_dir)
+    # a folder, or a hub id: a SmolVLM / LLaVA checkpoint, or a model saved by vlm
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        folder = hub_vlm(model_dir) or resolve_checkpoint(model_dir, VLM_FILES)
     return VisionLanguageModel.from_pretrained(folder, dtype=dtype, device=device), describe_model(folder)
 
 

@@ -29,6 +29,7 @@ MODULE_LAYER = {
     "vlm.conversation": "processing",
     "vlm.projector": "assembly",
     "vlm.lm": "assembly",
+    "vlm.transformers_format": "assembly",  # SmolVLM / Idefics3 / LLaVA checkpoints in and out: key maps
     "vlm.lora": "assembly",
     "vlm.model": "assembly",
     "vlm.serving": "assembly",

@@ -106,7 +106,7 @@ def test_the_forward_pass_with_cpu_positions_equals_the_one_that_finds_them(mode
     assert torch.equal(
         embeds, model.embed(batch.input_ids, batch.pixel_values, image_index=batch.image_index)
     )
-    with pytest.raises(ValueError, match="image tokens, but 1 images"):
+    with pytest.raises(ValueError, match="48 image tokens, but 16 image embeddings"):
         model.embed(batch.input_ids, batch.pixel_values[:1], image_index=batch.image_index)
 
 

@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     chat = commands.add_parser("chat", help="an interactive multi-turn chat (/image PATH, /reset, /quit)")
     for sub in (ask, chat):
         sub.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
-        sub.add_argument("--model", help="a saved VLM folder (default: the project's default model)")
+        sub.add_argument(
+            "--model",
+            help="a saved VLM folder, or a SmolVLM / Idefics3 / LLaVA (SigLIP) checkpoint: folder or hub id "
+            "(default: the project's default model)",
+        )
         sub.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
         sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         sub.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
@@ -255,7 +259,6 @@ def _viz(args: argparse.Namespace) -> int:
 def _load_vlm(args: argparse.Namespace):
     from vlm.lm import AS_SAVED
     from vlm.model import VisionLanguageModel, load_default_model
-    from vlm.weights import resolve_checkpoint
 
     if args.quantize in ("4bit", "8bit") and torch.cuda.is_available() and args.device.type != "cuda":
         # bitsandbytes puts a quantized LM on the GPU whenever one is visible: refused before it loads.
@@ -268,9 +271,8 @@ def _load_vlm(args: argparse.Namespace):
     kwargs = dict(dtype=args.dtype, device=args.device)
     if args.model is None:  # load_default_model takes no AS_SAVED; the shipped model records no quantization
         return load_default_model(**kwargs, quantization=None if quantization is AS_SAVED else quantization)
-    return VisionLanguageModel.from_pretrained(
-        resolve_checkpoint(args.model), quantization=quantization, **kwargs
-    )
+    # a folder, or a hub id of a model saved by vlm or of a SmolVLM / LLaVA checkpoint
+    return VisionLanguageModel.from_pretrained(args.model, quantization=quantization, **kwargs)
 
 
 def _settings(args: argparse.Namespace) -> dict:

@@ -6,16 +6,18 @@ A conversation is a list of messages in the format transformers' multimodal chat
      {"role": "assistant", "content": "A cat."}]
 
 `content` is a string or a list of parts; an image part carries the image (path, bytes or PIL image). The
-LM's own chat template renders the turns (so any instruction-tuned LM works unchanged); each image becomes
-exactly `tokens_per_image` copies of the image placeholder token, later replaced by projected patch
-embeddings (`VisionLanguageModel.embed`).
+model's chat template renders the turns: an LM's own text template (the parts of a message joined into one
+string, each image as the image token), or a VLM processor's template that places typed parts itself
+(SmolVLM's, llava-hf's: `ImagePrompt.typed_parts`). Then each image token the template wrote becomes the
+image's run of placeholders (`ImagePrompt.text`), later replaced by projected patch embeddings
+(`VisionLanguageModel.embed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -34,14 +36,48 @@ class Encoded:
     images: list[ImageSource] = field(default_factory=list)  # in the order their placeholders appear
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """How an image is written among a conversation's tokens.
+
+    `plain` (LLaVA): `tokens_per_image` image tokens. `idefics3` (Idefics3, SmolVLM): each tile's tokens after
+    a marker, `<fake_token_around_image><row_r_col_c>` for a tile of a split image (a newline after each row of
+    tiles) and `<fake_token_around_image><global-img>` for the whole image, closed by `<fake_token_around_image>`
+    — the layout of transformers' `Idefics3Processor`, which those models were trained on."""
+
+    image_token: str
+    tokens_per_image: int  # per tile
+    layout: Literal["plain", "idefics3"] = "plain"
+    typed_parts: bool = False  # the chat template renders typed content parts (a VLM processor's template)
+
+    def text(self, grid: tuple[int, int] = (0, 0)) -> str:
+        """The image's tokens as text, for an image cut into `grid` (rows, cols) tiles ((0, 0): not cut)."""
+        run = self.image_token * self.tokens_per_image
+        if self.layout == "plain":
+            return run
+        rows, cols = grid
+        around, whole = "<fake_token_around_image>", f"<fake_token_around_image><global-img>{run}"
+        if rows == cols == 0:
+            return f"{whole}{around}"
+        tiles = "".join(
+            "".join(f"{around}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n"
+            for r in range(rows)
+        )
+        return f"{tiles}\n{whole}{around}"
+
+
 def user(text: str, images: Sequence[ImageSource] = ()) -> Message:
     """A user message: the images first (as LLaVA and SmolVLM place them), then the text."""
     parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
-def flatten(messages: Sequence[Message], placeholder: str) -> tuple[list[dict[str, str]], list[ImageSource]]:
-    """Structured content -> one string per message, each image written as `placeholder`; images in order."""
+def flatten(
+    messages: Sequence[Message], marker: str, typed: bool = False
+) -> tuple[list[dict[str, Any]], list[ImageSource]]:
+    """Structured content -> what a chat template reads, and the images in order. `typed`: each message's parts
+    as typed parts without the images (`{"type": "image"}`), for a template that places them; else one string
+    per message, the parts joined by newlines and each image written as `marker`."""
     if not messages:
         raise ValueError("a conversation needs at least one message")
     flat, images = [], []
@@ -56,45 +92,74 @@ def flatten(messages: Sequence[Message], placeholder: str) -> tuple[list[dict[st
             raise ValueError(
                 f"message {i}: content must be a string or a list of parts, got {type(content).__name__}"
             )
-        pieces = []
+        pieces: list[dict[str, str]] = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                pieces.append(utf8_text(str(part.get("text", "")), f"message {i} text"))
+                pieces.append(
+                    {"type": "text", "text": utf8_text(str(part.get("text", "")), f"message {i} text")}
+                )
             elif kind == "image":
                 if part.get("image") is None:
                     raise ValueError(f"message {i}: an image part needs its image under the key 'image'")
                 if role != "user":
                     raise ValueError(f"message {i}: images belong in user turns, not {role!r} ones")
                 images.append(part["image"])
-                pieces.append(placeholder)
+                pieces.append({"type": "image"})
             else:
                 raise ValueError(f"message {i}: unknown content part {part!r}")
-        flat.append({"role": role, "content": "\n".join(pieces)})
+        joined = "\n".join(marker if p["type"] == "image" else p["text"] for p in pieces)
+        flat.append({"role": role, "content": pieces if typed else joined})
     return flat, images
+
+
+def _has_text(message: dict[str, Any]) -> bool:
+    content = message["content"]
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(p["type"] == "text" and p["text"].strip() for p in content)
 
 
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Message],
-    image_token: str,
-    tokens_per_image: int,
+    prompt: ImagePrompt,
+    grid: Callable[[ImageSource], tuple[int, int]] | None = None,
     add_generation_prompt: bool = False,
     with_labels: bool = False,
     max_length: int | None = None,
 ) -> Encoded:
-    """Render and tokenise one conversation.
+    """Render and tokenise one conversation. `grid` gives each image's tile grid, called once per image in
+    order (None: every image is one tile, as without image splitting).
 
     Labels: the tokens of each assistant turn (its text and the template's end-of-turn marker, so the model
     learns to stop) keep their ids; system and user turns, image tokens and the template's scaffolding get
     IGNORE_INDEX. The spans are found by rendering each prefix of the conversation, which relies on the
     template rendering a prefix as a prefix of the whole (true of ChatML and the common templates; checked)."""
-    flat, images = flatten(messages, image_token * tokens_per_image)
-    if not any(m["role"] != "system" and m["content"].strip() for m in flat) and not images:
+    marker = prompt.image_token
+    flat, images = flatten(messages, marker, prompt.typed_parts)
+    if not any(m["role"] != "system" and _has_text(m) for m in flat) and not images:
         raise ValueError("the conversation is empty: ask something, or give an image")
+    image_texts = [prompt.text(grid(image) if grid is not None else (0, 0)) for image in images]
+    # images in the first n messages, n = 0 .. len(messages)
+    shown_by = [0]
+    for message in messages:
+        content = message["content"]
+        shown_by.append(
+            shown_by[-1] + (0 if isinstance(content, str) else sum(p["type"] == "image" for p in content))
+        )
 
-    def ids(turns: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    def ids(turns: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        # The template wrote one image token per image so far; each becomes that image's run of tokens.
+        pieces = text.split(marker)
+        shown = shown_by[len(turns)]
+        if len(pieces) - 1 != shown:
+            raise ValueError(
+                f"the conversation's text holds the image token {marker!r} itself ({len(pieces) - 1} found for "
+                f"{shown} images): it is reserved for marking where images go"
+            )
+        text = pieces[0] + "".join(image_texts[k] + piece for k, piece in enumerate(pieces[1:]))
         # The template already wrote any BOS/special tokens it wants; do not let the tokenizer add more.
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -107,10 +172,10 @@ def encode(
         for i, message in enumerate(flat):
             if message["role"] != "assistant":
                 continue
-            prompt, turn = ids(flat[:i], True), ids(flat[: i + 1], False)
-            if input_ids[: len(prompt)] != prompt or input_ids[: len(turn)] != turn:
+            prompt_ids, turn = ids(flat[:i], True), ids(flat[: i + 1], False)
+            if input_ids[: len(prompt_ids)] != prompt_ids or input_ids[: len(turn)] != turn:
                 raise ValueError("this chat template does not render a conversation's prefix as its prefix")
-            labels[len(prompt) : len(turn)] = input_ids[len(prompt) : len(turn)]
+            labels[len(prompt_ids) : len(turn)] = input_ids[len(prompt_ids) : len(turn)]
     return Encoded(input_ids, labels, images)
 
 

@@ -46,8 +46,8 @@ def image_key(image: ImageSource) -> Hashable:
 
 
 class ImageEmbeddingCache:
-    """Least-recently-used image embeddings (e.g. LM-ready (tokens_per_image, D_lm)) by `image_key`, bounded by
-    bytes."""
+    """Least-recently-used image embeddings (e.g. LM-ready (tiles * tokens_per_image, D_lm)) by `image_key`,
+    bounded by bytes."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -60,14 +60,15 @@ class ImageEmbeddingCache:
         sources: Mapping[Hashable, ImageSource],
         encode: Callable[[list[ImageSource]], torch.Tensor],
     ) -> torch.Tensor:
-        """(len(keys), ...) embeddings of the images `keys` name (`sources[key]`): `encode` runs once, on the
-        distinct images not cached."""
+        """The embeddings of the images `keys` name (`sources[key]`), concatenated along the first dimension
+        (e.g. (sum of their tokens, D_lm)): `encode` runs once, on the distinct images not cached, and returns one
+        tensor per image."""
         found = {key: self._get(key) for key in dict.fromkeys(keys)}
         if missing := [key for key, embeds in found.items() if embeds is None]:
             for key, embeds in zip(missing, encode([sources[key] for key in missing]), strict=True):
                 found[key] = embeds
                 self._put(key, embeds.clone())  # a clone: a view would keep the whole batch's tensor alive
-        return torch.stack([found[key] for key in keys])
+        return torch.cat([found[key] for key in keys])
 
     def _get(self, key: Hashable) -> torch.Tensor | None:
         if key in self.entries:

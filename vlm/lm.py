@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.checks import config_from_dict
+from vlm.transformers_format import family_of, is_transformers_vlm, write_lm
 
 if TYPE_CHECKING:  # for the annotation only: the config is built, and bitsandbytes imported, when asked for
     from transformers import BitsAndBytesConfig
@@ -218,29 +220,51 @@ def converted_folder(gguf: Path) -> Path:
 
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors folder in the cache (`converted_folder`) and return
-    that folder.
+    that folder (`convert_once`)."""
 
-    The folder is written under a temporary name that carries this process's host and id
-    (`.NAME.HOST-PID.XXXXXXXX`) and renamed into place: an interrupted conversion never leaves a half-written
-    model behind, and the temporary folder a killed one leaves (hundreds of MB) is removed by the next call
-    (`remove_orphans`)."""
-    folder = converted_folder(gguf)
+    def write(tmp: Path) -> None:
+        from transformers import GgufConfig
+
+        # dequantize=True: without it the model keeps a GGUF quantizer, and saving or training it is refused.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return convert_once(
+        converted_folder(gguf), write, f"converting {gguf.name} to safetensors once (takes ~15 s)"
+    )
+
+
+def vlm_lm_folder(vlm: Path) -> Path:
+    """The LM of a transformers VLM checkpoint (SmolVLM, LLaVA: `vlm.transformers_format`) written once as a
+    standalone LM folder in the cache, keyed like `converted_folder` by the checkpoint's weights."""
+    weights = sorted(vlm.glob("*.safetensors"))
+    stamp = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    key = hashlib.sha256(f"{vlm.resolve()}|{stamp}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "lm" / f"{vlm.resolve().name}-lm-{key}"
+    return convert_once(
+        folder, lambda tmp: write_lm(vlm, tmp), f"writing the LM of {vlm} once as its own folder"
+    )
+
+
+def convert_once(folder: Path, write: Callable[[Path], None], message: str) -> Path:
+    """`folder`, written by `write(tmp)` unless it exists. The folder is written under a temporary name that
+    carries this process's host and id (`.NAME.HOST-PID.XXXXXXXX`) and renamed into place: an interrupted
+    conversion never leaves a half-written model behind, and the temporary folder a killed one leaves (hundreds
+    of MB) is removed by the next call (`remove_orphans`)."""
     remove_orphans(folder.parent)
     if (folder / "config.json").is_file():
         return folder
-    from transformers import GgufConfig
-
-    print(f"converting {gguf.name} to safetensors once (takes ~15 s) -> {folder}", flush=True)
-    # dequantize=True: without it the model keeps a GGUF quantizer, and saving or training it is refused.
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    print(f"{message} -> {folder}", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{_owner()}."))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         os.replace(tmp, folder)
     except OSError:
         if (folder / "config.json").is_file():  # another process converted it meanwhile: use theirs
@@ -313,7 +337,31 @@ def resolve_lm_source(source: str | Path) -> str:
         return str(gguf_to_folder(path))
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (it has no config.json)")
-    return str(path) if path.exists() else text
+    if path.exists():
+        return str(vlm_lm_folder(path) if is_transformers_vlm(path) else path)
+    vlm = hub_vlm(text)
+    return str(vlm_lm_folder(vlm)) if vlm is not None else text
+
+
+def hub_vlm(repo: str) -> Path | None:
+    """The local snapshot of hub repo `repo` when it is a transformers VLM checkpoint vlm reads (config first,
+    then its weights, tokenizer and processor files); None when it is not one, or the hub cannot say (offline:
+    `from_pretrained` then reports for itself)."""
+    if repo.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or family_of(config) is None:
+            return None
+        return Path(snapshot_download(repo, allow_patterns=VLM_FILES))
+    except Exception:
+        return None
+
+
+# A VLM checkpoint's files vlm reads (never pickles): config, weights, tokenizer, processor and chat template.
+VLM_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 
 @contextmanager

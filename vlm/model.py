@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +41,35 @@ from vlm.checks import (
     positive_int,
     probability,
 )
-from vlm.conversation import IGNORE_INDEX, Encoded, Message, encode, pad, user
+from vlm.conversation import IGNORE_INDEX, Encoded, ImagePrompt, Message, encode, pad, user
 from vlm.devices import same_device
 from vlm.generation import ImageEmbeddingCache, StopWhenSet, image_key, progress_bar, shared_prefix_length
 from vlm.lm import (
     AS_SAVED,
     DEFAULT_LM,
+    VLM_FILES,
     LMQuantization,
     Quantization,
     Recorded,
+    hub_vlm,
     load_lm,
     log_quantization,
     quantization_of,
 )
-from vlm.processing import ImageSource, SiglipImageProcessor, load_image
+from vlm.processing import ImageProcessing, ImageSource, SiglipImageProcessor, Tiles
 from vlm.projector import Projector, ProjectorConfig
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
-from vlm.weights import CheckpointError, load_strict, read_config, read_safetensors, save_checkpoint
+from vlm.transformers_format import Exportable, check_family, export, read_checkpoint, target_family
+from vlm.weights import (
+    CheckpointError,
+    atomic_folder,
+    check_output_folder,
+    load_strict,
+    read_config,
+    read_safetensors,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 FORMAT = "vlm.VisionLanguageModel"
 CONFIG_KEYS = {
@@ -71,6 +83,9 @@ CONFIG_KEYS = {
     "freeze",
     "adapter_on_text",
     "quantization",
+    "image_processing",
+    "image_layout",
+    "typed_parts",
 }
 
 
@@ -94,6 +109,22 @@ class VLMConfig:
     # the LoRA adapter was trained against (`from_pretrained`). Written from the loaded LM (`quantization_of`),
     # never by hand; a config.json from before this field loads as None.
     quantization: LMQuantization | None = None
+    # How images become pixels (the tower's input) and how they are written among the tokens: SigLIP's
+    # processing and `image_token` x `tokens_per_image` by default; an imported SmolVLM's processor settings,
+    # tiles and layout (`vlm.processing.ImageProcessing`, `vlm.conversation.ImagePrompt`).
+    image_processing: ImageProcessing = ImageProcessing()
+    image_layout: Literal["plain", "idefics3"] = "plain"
+    typed_parts: bool = False  # the LM tokenizer's chat template places typed image/text parts itself
+
+    def __post_init__(self) -> None:
+        if self.image_processing.image_splitting and self.image_layout != "idefics3":
+            raise ValueError(
+                "image_splitting writes tiles in Idefics3's layout: it needs image_layout 'idefics3'"
+            )
+
+    @property
+    def prompt(self) -> ImagePrompt:
+        return ImagePrompt(self.image_token, self.tokens_per_image, self.image_layout, self.typed_parts)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -116,6 +147,9 @@ class VLMConfig:
             "freeze": list(self.freeze),
             "adapter_on_text": self.adapter_on_text,
             "quantization": None if self.quantization is None else self.quantization.to_dict(),
+            "image_processing": self.image_processing.to_dict(),
+            "image_layout": self.image_layout,
+            "typed_parts": self.typed_parts,
         }
 
     @classmethod
@@ -133,7 +167,7 @@ class VLMConfig:
             raise CheckpointError(f"config.json lacks {', '.join(missing)}")
         # The nested configs are built first, then the flat fields are checked against their types (a missing
         # `freeze` means nothing frozen, as it always has).
-        nested = ("format", "vision", "projector", "quantization")
+        nested = ("format", "vision", "projector", "quantization", "image_processing")
         flat = {key: value for key, value in d.items() if key not in nested}
         parts = {
             "vision": SiglipVisionConfig.from_dict(d["vision"], where="vision"),
@@ -141,6 +175,10 @@ class VLMConfig:
         }
         if d.get("quantization") is not None:
             parts["quantization"] = LMQuantization.from_dict(d["quantization"], where="quantization")
+        if "image_processing" in d:
+            parts["image_processing"] = config_from_dict(
+                ImageProcessing, d["image_processing"], "image_processing", ignore_unknown=False
+            )
         return config_from_dict(cls, {"freeze": [], **flat} | parts)
 
 
@@ -154,9 +192,9 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L), 0 on padding
-    pixel_values: torch.Tensor | None  # (num_images, 3, H, W), in placeholder order, row by row
+    pixel_values: torch.Tensor | None  # (num_tiles, 3, H, W), in placeholder order, row by row
     labels: torch.Tensor | None = None  # (B, L), IGNORE_INDEX where nothing is learned
-    image_index: torch.Tensor | None = None  # (num_images * tokens_per_image,) into the flat (B * L)
+    image_index: torch.Tensor | None = None  # (num_tiles * tokens_per_image,) into the flat (B * L)
     learned_index: torch.Tensor | None = None  # (n_learned,) into the flat (B * (L - 1)): t predicts t + 1
     learned_targets: torch.Tensor | None = None  # (n_learned,) the tokens learned there
 
@@ -199,9 +237,8 @@ class Preparer:
 
     tokenizer: PreTrainedTokenizerBase
     processor: SiglipImageProcessor
-    image_token: str
+    prompt: ImagePrompt
     image_token_id: int
-    tokens_per_image: int
     system_prompt: str | None
 
     def __call__(
@@ -210,20 +247,26 @@ class Preparer:
         for_generation: bool = False,
         max_length: int | None = None,
     ) -> Batch:
+        tiles: list[Tiles] = []  # each image processed once, in placeholder order, as `encode` meets it
+
+        def grid(image: ImageSource) -> tuple[int, int]:
+            tiles.append(self.processor.tiles(image))
+            return tiles[-1].grid
+
         encoded = [
             encode(
                 self.tokenizer,
                 self.with_system_prompt(conversation),
-                self.image_token,
-                self.tokens_per_image,
+                self.prompt,
+                grid,
                 add_generation_prompt=for_generation,
                 with_labels=not for_generation,
                 max_length=max_length,
             )
             for conversation in conversations
         ]
-        images = [load_image(image) for e in encoded for image in e.images]
-        return self.collate(encoded, self.processor(images) if images else None, for_generation)
+        pixel_values = torch.cat([t.pixels for t in tiles]) if tiles else None
+        return self.collate(encoded, pixel_values, for_generation)
 
     def collate(
         self, encoded: Sequence[Encoded], pixel_values: torch.Tensor | None, for_generation: bool = False
@@ -268,7 +311,7 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.lm = lm
         self.tokenizer = tokenizer
-        self.processor = SiglipImageProcessor(config.vision.image_size)
+        self.processor = SiglipImageProcessor.of(config.vision.image_size, config.image_processing)
         self.lm_vocab_size = lm.get_input_embeddings().num_embeddings  # rows before ours were added
         if config.image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([config.image_token], special_tokens=True)
@@ -315,16 +358,20 @@ class VisionLanguageModel(nn.Module):
         return self.config.tokens_per_image
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, 3, H, W) -> (num_images, tokens_per_image, D_lm) LM-ready image embeddings."""
+        """(num_tiles, 3, H, W) -> (num_tiles, tokens_per_image, D_lm) LM-ready image embeddings (a tile is a
+        whole image unless images are split)."""
         pixel_values = pixel_values.to(next(self.vision.parameters()).dtype)
         layer = self.config.vision_feature_layer
         out = self.vision(pixel_values, output_hidden_states=layer != -1)
         features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (n, N, D_v)
         return self.projector(features, self.config.grid, out.pooler_output)
 
-    def _encode_files(self, images: list[ImageSource]) -> torch.Tensor:
-        """Images (paths, bytes, PIL) -> (n, tokens_per_image, D_lm), through the model's own processor."""
-        return self.encode_images(self.processor(images).to(self.lm.device))
+    def _encode_files(self, images: list[ImageSource]) -> list[torch.Tensor]:
+        """Images (paths, bytes, PIL) -> for each, its (tiles * tokens_per_image, D_lm) embeddings, through the
+        model's own processor."""
+        tiles = [self.processor.tiles(image).pixels for image in images]
+        embeds = self.encode_images(torch.cat(tiles).to(self.lm.device))  # (num_tiles, T, D)
+        return list(embeds.flatten(0, 1).split([len(t) * self.tokens_per_image for t in tiles]))
 
     def embed(
         self,
@@ -336,7 +383,8 @@ class VisionLanguageModel(nn.Module):
         """LM input embeddings with each image's tokens spliced in at its placeholders: (B, L, D_lm).
 
         The images come as pixels (encoded here) or as `image_embeds` already encoded by `encode_images`
-        (num_images, tokens_per_image, D_lm), in placeholder order, row by row. `image_index` (a training
+        (num_tiles, tokens_per_image, D_lm) or flat (num_tiles * tokens_per_image, D_lm), in placeholder order,
+        row by row. `image_index` (a training
         `Batch`'s: the placeholders' flat positions, found on the CPU) splices without a host-device sync."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         if image_index is None:  # found here: on an accelerator, a host-device sync
@@ -350,8 +398,8 @@ class VisionLanguageModel(nn.Module):
         flat = image_embeds.reshape(-1, embeds.shape[-1])
         if len(image_index) != len(flat):
             raise ValueError(
-                f"the prompt holds {len(image_index)} image tokens, but {image_embeds.shape[0]} images x "
-                f"{image_embeds.shape[1]} tokens were given"
+                f"the prompt holds {len(image_index)} image tokens, but {len(flat)} image embeddings were given "
+                f"({self.tokens_per_image} per tile)"
             )
         # the positions in row-major order: image 0's tokens, then image 1's, ...
         spliced = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_index, flat.to(embeds.dtype))
@@ -405,9 +453,8 @@ class VisionLanguageModel(nn.Module):
     def preparer(self) -> Preparer:
         """What `prepare` runs, apart from the model: for data loader workers."""
         return Preparer(
-            self.tokenizer, self.processor, self.config.image_token, self.image_token_id, self.tokens_per_image,
-            self.config.system_prompt,
-        )  # fmt: skip
+            self.tokenizer, self.processor, self.config.prompt, self.image_token_id, self.config.system_prompt
+        )
 
     def with_system_prompt(self, conversation: Sequence[Message]) -> list[Message]:
         return self.preparer.with_system_prompt(conversation)
@@ -552,12 +599,13 @@ class VisionLanguageModel(nn.Module):
 
     def prompt_length(self, conversation: Sequence[Message]) -> int:
         """Tokens the conversation takes as a generation prompt, image placeholders and the model's system
-        prompt included, as `generate` sees it. No image is loaded."""
+        prompt included, as `generate` sees it. No image is loaded, unless images are split into tiles (their
+        number depends on each image's size)."""
         encoded = encode(
             self.tokenizer,
             self.with_system_prompt(conversation),
-            self.config.image_token,
-            self.tokens_per_image,
+            self.config.prompt,
+            self.processor.grid,
             add_generation_prompt=True,
         )
         return len(encoded.input_ids)
@@ -667,20 +715,26 @@ class VisionLanguageModel(nn.Module):
         # Row i's image is `image_cache` key image_of[i] (None: no image); sources maps keys to images.
         image_of = [None if image is None else image_key(image) for image in images]
         sources = {key: image for key, image in zip(image_of, images, strict=True) if key is not None}
-        # Token ids of each distinct (prompt, has image) pair, rendered exactly as `prepare` renders them; the
-        # placeholder object stands in for the image (`encode` only writes its placeholder tokens).
-        token_cache: dict[tuple[str, bool], list[int]] = {}
+        # Token ids of each distinct (prompt, image's tile grid) pair, rendered exactly as `prepare` renders them;
+        # the placeholder object stands in for the image (`encode` only writes its placeholder tokens). Without
+        # image splitting every image is one tile, and no image is read here.
+        grids = {key: self.processor.grid(source) for key, source in sources.items()}
+        token_cache: dict[tuple[str, tuple[int, int] | None], list[int]] = {}
         for prompt, key in zip(prompts, image_of, strict=True):
-            if (prompt, key is not None) not in token_cache:
+            grid = None if key is None else grids[key]
+            if (prompt, grid) not in token_cache:
                 message = user(prompt, [_PLACEHOLDER] if key is not None else [])
-                token_cache[prompt, key is not None] = encode(
+                token_cache[prompt, grid] = encode(
                     self.tokenizer,
                     self.with_system_prompt([message]),
-                    self.config.image_token,
-                    self.tokens_per_image,
+                    self.config.prompt,
+                    lambda _, grid=grid: grid,
                     add_generation_prompt=True,
                 ).input_ids
-        ids = [token_cache[prompt, key is not None] for prompt, key in zip(prompts, image_of, strict=True)]
+        ids = [
+            token_cache[prompt, None if key is None else grids[key]]
+            for prompt, key in zip(prompts, image_of, strict=True)
+        ]
         # Longest first: each batch holds prompts of nearly one length, and a batch that will not fit in memory
         # fails at once. Ties keep one image's rows together, so they share its cached embeddings.
         order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), str(image_of[i]), i))
@@ -743,10 +797,20 @@ class VisionLanguageModel(nn.Module):
             state["lm.added_lm_head"] = head.weight[self.lm_vocab_size :]
         return state
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, format: Literal["vlm", "transformers"] = "vlm") -> Path:
         """config.json + model.safetensors (vision tower, projector, added LM rows). The LM itself is not
         copied: `lm_source` names it. A LoRA adapter on the tower is not part of these files (it is saved with
-        the rest of the adapter, `vlm.lora.save_adapter`): the tower's base weights keep their checkpoint names."""
+        the rest of the adapter, `vlm.lora.save_adapter`): the tower's base weights keep their checkpoint names.
+
+        `format="transformers"`: a whole transformers checkpoint instead, which any engine reading transformers
+        folders serves — `LlavaForConditionalGeneration` for an `mlp` projector, `Idefics3ForConditionalGeneration`
+        for a `pixel_shuffle` one without bias — with every LoRA adapter merged in and the LM in full precision
+        (`vlm.transformers_format.export`; a model with no counterpart raises `ValueError` saying what is
+        missing). `directory` must be new or empty; it is filled under a temporary name."""
+        if format == "transformers":
+            return self._export(directory)
+        if format != "vlm":
+            raise ValueError(f"format must be 'vlm' or 'transformers', got {format!r}")
         directory = Path(directory)
         state = {f"vision.{k}": v for k, v in _base_weights(self.vision.state_dict()).items()}
         state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
@@ -754,6 +818,29 @@ class VisionLanguageModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_checkpoint(directory, self.config.to_dict(), state)
         return directory
+
+    def _export(self, directory: str | Path) -> Path:
+        target_family(self._exportable(self))  # before any copying: a model with no counterpart fails at once
+        directory = check_output_folder(directory, "the exported model's folder", empty=True)
+        model = self
+        if (
+            any(".lora_" in name for name, _ in self.named_parameters())
+            or self.config.quantization is not None
+        ):
+            from vlm.lora import merge_lora  # peft only when there is an adapter to merge
+
+            model = merge_lora(copy.deepcopy(self))
+        with atomic_folder(directory) as tmp:
+            export(self._exportable(model), tmp, lambda folder, hf: hf.save_pretrained(folder))
+        return directory
+
+    @staticmethod
+    def _exportable(model: VisionLanguageModel) -> Exportable:
+        c = model.config
+        return Exportable(
+            c.vision, c.projector, c.vision_feature_layer, model.image_token_id, c.image_processing, c.image_layout,
+            c.typed_parts, _base_weights(model.vision.state_dict()), model.projector.state_dict(), model.lm, model.tokenizer,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(
@@ -769,11 +856,23 @@ class VisionLanguageModel(nn.Module):
         `quantization`: by default the LM is quantised as config.json records (a QLoRA model's LM in 4-bit, with
         the very settings it was trained against; logged); None loads it in full precision and "4bit"/"8bit"
         through bitsandbytes, each with a warning where that differs from the record (answers will differ).
-        `device`: where it runs (None: the CPU; see `vlm.devices.resolve_device` for "auto")."""
-        directory = Path(directory)
+        `device`: where it runs (None: the CPU; see `vlm.devices.resolve_device` for "auto").
+
+        `directory` may also be a transformers checkpoint of SmolVLM / Idefics3 or of LLaVA with a SigLIP tower
+        (a folder or a hub id): its tensors load into our tower, projector and LM (`vlm.transformers_format`)."""
+        source = str(directory)
+        directory = Path(directory).expanduser()
         if not directory.is_dir():
-            raise CheckpointError(f"no model folder at {directory}")
+            if directory.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+                raise CheckpointError(f"no model folder at {source}")
+            found = hub_vlm(source)
+            if found is not None:
+                return cls._imported(found, source, dtype, quantization, lm, device)
+            directory = resolve_checkpoint(source, VLM_FILES)  # a model saved by vlm, on the hub
         raw = read_config(directory)
+        if "model_type" in raw and "format" not in raw:  # a transformers checkpoint, not a vlm folder
+            check_family(raw, directory)
+            return cls._imported(directory, source, dtype, quantization, lm, device)
         try:
             config = VLMConfig.from_dict(raw)
         except CheckpointError as err:  # name the file: the user has to open it
@@ -806,6 +905,37 @@ class VisionLanguageModel(nn.Module):
             from vlm.lora import load_adapter  # peft (and with it bitsandbytes) only when there is an adapter
 
             load_adapter(model, directory / "adapter")
+        return _placed(model.to(dtype), device).eval()
+
+    @classmethod
+    def _imported(
+        cls,
+        folder: Path,
+        source: str,
+        dtype: torch.dtype,
+        quantization: Quantization | Recorded,
+        lm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None,
+        device: torch.device | str | None,
+    ) -> VisionLanguageModel:
+        """A transformers VLM checkpoint as a `VisionLanguageModel`: its LM through `load_lm` (which writes it
+        once as its own folder), its tower and projector loaded strictly into ours. `lm_source` names the
+        checkpoint as given (hub id or folder), so a fine-tuned model saved in our format reloads it."""
+        if quantization is AS_SAVED:
+            quantization = None
+        lm = (
+            lm
+            if lm is not None
+            else load_lm(source if not Path(source).expanduser().exists() else folder, dtype, quantization)
+        )
+        imported = read_checkpoint(folder, lm[1])
+        config = VLMConfig(
+            vision=imported.vision, projector=imported.projector, lm_source=source, image_token=imported.image_token,
+            vision_feature_layer=imported.vision_feature_layer, image_processing=imported.image_processing,
+            image_layout=imported.image_layout, typed_parts=imported.typed_parts,
+        )  # fmt: skip
+        model = cls.build(config, dtype=dtype, lm=lm)
+        load_strict(model.vision, imported.vision_state, f"the vision tower in {folder}")
+        load_strict(model.projector, imported.projector_state, f"the projector in {folder}")
         return _placed(model.to(dtype), device).eval()
 
     def load_added_token_state(self, state: dict[str, torch.Tensor], directory: Path) -> None:

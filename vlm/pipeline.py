@@ -36,7 +36,7 @@ from vlm.data.common import NOT_A_PATH, UNREADABLE_IMAGE
 from vlm.data.named import BadRow, Rows
 from vlm.generation import image_key
 from vlm.model import Batch, Preparer
-from vlm.processing import ImageLoadError
+from vlm.processing import ImageLoadError, Tiles
 from vlm.training import Stream
 
 Key = tuple[int, int]  # (source, row)
@@ -157,19 +157,22 @@ class StepBatches(torch.utils.data.Dataset):
         each image computed once (`Preparer(conversations)` gives the same batch, bit for bit)."""
         encoded = [self.encoded(c) for c in conversations]
         images = [image for e in encoded for image in e.images]
-        pixel_values = torch.stack([self.pixels(image) for image in images]) if images else None
+        pixel_values = torch.cat([self.pixels(image).pixels for image in images]) if images else None
         return self.preparer.collate(encoded, pixel_values)
 
     def encoded(self, conversation: Sequence[Message]) -> Encoded:
-        """`encode` of a conversation with labels, by its text: the images are the row's own, the tokens
-        (a chat template's rendering, the slow part) are reused whenever the same text comes again."""
+        """`encode` of a conversation with labels, by its text and its images' tile grids: the images are the
+        row's own, the tokens (a chat template's rendering, the slow part) are reused whenever the same text
+        comes again."""
         p = self.preparer
         messages = p.with_system_prompt(conversation)
         key, images = _text_key(messages)
+        if p.processor.splitting:  # the tokens depend on each image's tiles too
+            key = (key, tuple(self.pixels(image).grid for image in images))
         hit = self.tokens.get(key)
         if hit is None:
             hit = encode(
-                p.tokenizer, messages, p.image_token, p.tokens_per_image, with_labels=True,
+                p.tokenizer, messages, p.prompt, lambda image: self.pixels(image).grid, with_labels=True,
                 max_length=self.max_length,
             )  # fmt: skip
             self.tokens[key] = Encoded(hit.input_ids, hit.labels, [])
@@ -203,13 +206,14 @@ def _text_key(messages: Sequence[Message]) -> tuple[Hashable, list[Any]]:
 
 
 class PixelCache:
-    """Processed pixels (3, H, W) by `image_key`, least recently used out first, bounded by bytes."""
+    """Processed images (`Tiles`: (n, 3, H, W) pixels and the tile grid) by `image_key`, least recently used out
+    first, bounded by bytes."""
 
     def __init__(self, preparer: Preparer, max_bytes: int) -> None:
         self.preparer, self.max_bytes, self.bytes = preparer, max_bytes, 0
-        self.entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[Hashable, Tiles] = OrderedDict()
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def __call__(self, image: Any) -> Tiles:
         try:
             key = image_key(image)
         except TypeError:
@@ -217,14 +221,14 @@ class PixelCache:
         if key is not None and key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
-        pixels = self.preparer.processor.preprocess(image)
+        tiles = self.preparer.processor.tiles(image)
         if key is not None and key[0] != "pil":  # a PIL image's key is its identity: not worth keeping
-            self.entries[key] = pixels
-            self.bytes += pixels.numel() * pixels.element_size()
+            self.entries[key] = tiles
+            self.bytes += tiles.pixels.numel() * tiles.pixels.element_size()
             while self.bytes > self.max_bytes and self.entries:
                 _, old = self.entries.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
-        return pixels
+                self.bytes -= old.pixels.numel() * old.pixels.element_size()
+        return tiles
 
 
 def default_workers(device: torch.device, streamed: bool) -> int:

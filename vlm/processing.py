@@ -19,11 +19,12 @@ Deliberate deviations from the reference (all in `load_image`, before the shared
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -130,18 +131,59 @@ def iter_image_files(paths: Sequence[str | Path] | str | Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class ImageProcessing:
+    """How a model's images become pixels, beyond the tower's input size: what a checkpoint's processor config
+    says (`VLMConfig.image_processing`). The defaults are SigLIP's own preprocessing.
+
+    `longest_edge` and `image_splitting` are Idefics3's scheme (SmolVLM's processor): the image is first resized
+    so that its longest edge is `longest_edge` (aspect kept, the other side rounded up to even), then either
+    squashed to one square tile (no splitting), or resized up to whole tiles and cut into rows x cols tiles read
+    row by row, followed by the whole image squashed to one more tile (the "global" image)."""
+
+    resample: int = Image.Resampling.BICUBIC
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    longest_edge: int | None = None
+    image_splitting: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resample not in {int(r) for r in Image.Resampling}:
+            raise ValueError(f"resample must be a PIL resampling filter (0-5), got {self.resample}")
+        if self.longest_edge is not None and self.longest_edge < 1:
+            raise ValueError(f"longest_edge must be >= 1, got {self.longest_edge}")
+        if self.image_splitting and self.longest_edge is None:
+            raise ValueError("image_splitting needs longest_edge (the size the image is first resized to)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Tiles(NamedTuple):
+    """One image as the tower sees it: (n, 3, S, S) pixels, and its tile grid (0, 0 when it is one tile; else
+    rows x cols tiles followed by the global image, n = rows * cols + 1)."""
+
+    pixels: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class SiglipImageProcessor:
     """SigLIP preprocessing: image(s) -> float32 pixel values, equal to `transformers`' PIL path.
 
     Each image is loaded with `load_image` (RGB, upright), resized to `image_size` (an int for a square, or
     (height, width)) with `resample` and no `reducing_gap`, scaled to [0, 1] and normalised per channel:
-    (x - mean) / std, which with the SigLIP default of 0.5 maps pixels to [-1, 1]."""
+    (x - mean) / std, which with the SigLIP default of 0.5 maps pixels to [-1, 1].
+
+    With `longest_edge` (and `splitting`) it is Idefics3's image processor instead (`ImageProcessing`), equal to
+    `transformers`' `Idefics3ImageProcessorPil`: one image may then be several tiles (`tiles`)."""
 
     image_size: int | tuple[int, int] = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: int = Image.Resampling.BICUBIC
     max_pixels: int = DEFAULT_MAX_PIXELS
+    longest_edge: int | None = None
+    splitting: bool = False
 
     def __post_init__(self) -> None:
         height, width = self.size
@@ -151,6 +193,18 @@ class SiglipImageProcessor:
             raise ValueError(f"mean and std need 3 values (R, G, B), got {self.mean} and {self.std}")
         if any(s == 0 for s in self.std):
             raise ValueError(f"std must be non-zero, got {self.std}")
+        if self.longest_edge is not None and height != width:
+            raise ValueError(
+                f"Idefics3's scheme cuts square tiles; image_size {self.image_size} is not square"
+            )
+
+    @classmethod
+    def of(cls, image_size: int, processing: ImageProcessing) -> SiglipImageProcessor:
+        """The processor of a model whose tower reads `image_size` squares."""
+        return cls(
+            image_size, processing.image_mean, processing.image_std, processing.resample,
+            longest_edge=processing.longest_edge, splitting=processing.image_splitting,
+        )  # fmt: skip
 
     @property
     def size(self) -> tuple[int, int]:
@@ -161,19 +215,51 @@ class SiglipImageProcessor:
         return int(height), int(width)
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
-        """One image -> (3, H, W) float32."""
-        height, width = self.size
+        """One image -> (3, H, W) float32 (one tile: without image splitting)."""
+        if self.splitting:
+            raise ValueError("with image splitting an image is several tiles: use `tiles`")
+        return self.tiles(image).pixels[0]
+
+    def tiles(self, image: ImageSource) -> Tiles:
+        """One image -> its tiles' pixels (n, 3, H, W) float32 and its tile grid."""
         rgb = load_image(image, self.max_pixels)
-        # (H, W, 3) uint8
-        pixels = np.asarray(rgb.resize((width, height), resample=self.resample, reducing_gap=None))
+        if self.longest_edge is None:
+            return Tiles(self._normalise([self._resize(rgb, self.size)]), (0, 0))
+        # Idefics3: every resize is from the uint8 image, as transformers' PIL backend does.
+        rgb = self._resize(rgb, _longest_edge_size(rgb.height, rgb.width, self.longest_edge))
+        tile = self.size[0]
+        if not self.splitting:
+            return Tiles(self._normalise([self._resize(rgb, (tile, tile))]), (0, 0))
+        rgb = self._resize(rgb, _whole_tiles_size(rgb.height, rgb.width, tile))
+        rows, cols = rgb.height // tile, rgb.width // tile
+        if rows == cols == 1:  # one tile is the whole image: no global copy
+            return Tiles(self._normalise([rgb]), (0, 0))
+        crops = [
+            rgb.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        return Tiles(self._normalise([*crops, self._resize(rgb, (tile, tile))]), (rows, cols))
+
+    def grid(self, image: ImageSource) -> tuple[int, int]:
+        """The tile grid `tiles` gives `image` ((0, 0): one tile), from its size alone when it is not split."""
+        return (0, 0) if not self.splitting else self.tiles(image).grid
+
+    def _resize(self, rgb: Image.Image, size: tuple[int, int]) -> Image.Image:
+        height, width = size
+        return rgb.resize((width, height), resample=self.resample, reducing_gap=None)
+
+    def _normalise(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """uint8 RGB images of one size -> (n, 3, H, W) float32."""
         # Bit-equal to the reference, which rescales in float64 and casts to float32: for all 256 uint8
         # values that gives exactly the float32 quotient. Normalising is float32 in both.
-        x = pixels.astype(np.float32) / 255
+        x = np.stack([np.asarray(image) for image in images]).astype(np.float32) / 255  # (n, H, W, 3)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
-        """One image or a sequence of images (paths, PIL images, encoded bytes) -> (B, 3, H, W) float32."""
+        """One image or a sequence of images (paths, PIL images, encoded bytes) -> (n, 3, H, W) float32: one
+        tile per image, or with image splitting each image's tiles in turn."""
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         elif not isinstance(images, Sequence):
@@ -182,7 +268,43 @@ class SiglipImageProcessor:
             )
         if len(images) == 0:
             return torch.empty(0, 3, *self.size)
-        return torch.stack([self.preprocess(image) for image in images])
+        return torch.cat([self.tiles(image).pixels for image in images])
+
+
+# Idefics3's resizing rules (transformers' `Idefics3ImageProcessorPil`), as numbers: the size an image is resized
+# to before it is cut.
+_MAX_IMAGE_SIDE = 4096  # Idefics3's upper bound on either side after the first resize
+
+
+def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """The longest edge to `longest`, aspect kept (truncated, then up to even), each side at least 1, and both
+    within 4096."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height  # the second rule reads the new size's aspect
+    if width >= height and width > _MAX_IMAGE_SIDE:
+        width, height = _MAX_IMAGE_SIDE, max(int(_MAX_IMAGE_SIDE / aspect), 1)
+    elif height > width and height > _MAX_IMAGE_SIDE:
+        height, width = _MAX_IMAGE_SIDE, max(int(_MAX_IMAGE_SIDE * aspect), 1)
+    return height, width
+
+
+def _whole_tiles_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Up to whole tiles: the longer side rounded up, the other from the aspect and then rounded up."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
 
 
 # ---------------------------------------------------------------------------------------------------------

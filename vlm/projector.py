@@ -32,6 +32,7 @@ class ProjectorConfig:
     kind: ProjectorKind = "linear"
     scale_factor: int = 2  # pixel_shuffle only: f, the side of the block of patches merged into one token
     pooled_token: bool = False  # one more token, first: the tower's pooled (MAP head) embedding
+    bias: bool = True  # the projection's Linear layers have biases (Idefics3's connector has none)
 
     def __post_init__(self) -> None:
         positive_int(self.vision_hidden_size, "vision_hidden_size")
@@ -85,12 +86,10 @@ class Projector(nn.Module):
         super().__init__()
         self.config = config
         d_in = config.vision_hidden_size * (config.scale_factor**2 if config.kind == "pixel_shuffle" else 1)
+        self.linear_1 = nn.Linear(d_in, config.text_hidden_size, bias=config.bias)
         if config.kind == "mlp":
-            self.linear_1 = nn.Linear(d_in, config.text_hidden_size)
-            self.act = nn.GELU()
-            self.linear_2 = nn.Linear(config.text_hidden_size, config.text_hidden_size)
-        else:
-            self.linear_1 = nn.Linear(d_in, config.text_hidden_size)
+            self.act = nn.GELU()  # exact (erf) GELU: LLaVA's "gelu"
+            self.linear_2 = nn.Linear(config.text_hidden_size, config.text_hidden_size, bias=config.bias)
         if config.pooled_token:
             self.pooled = nn.Linear(config.vision_hidden_size, config.text_hidden_size)
 
@@ -105,7 +104,8 @@ class Projector(nn.Module):
         last = [self.linear_2 if self.config.kind == "mlp" else self.linear_1]
         for layer in last + ([self.pooled] if self.config.pooled_token else []):
             layer.weight.normal_(0.0, target_rms / layer.in_features**0.5)
-            layer.bias.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
 
     def forward(
         self, x: torch.Tensor, grid: tuple[int, int] | None = None, pooled: torch.Tensor | None = None

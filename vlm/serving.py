@@ -149,8 +149,7 @@ class DecodeBatch:
                 encode(
                     model.tokenizer,
                     model.with_system_prompt([user(text)]),
-                    model.config.image_token,
-                    model.tokens_per_image,
+                    model.config.prompt,
                     add_generation_prompt=True,
                 ).input_ids
                 for text in ("a", "b")
