@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 from gradio.utils import get_upload_folder
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
@@ -393,14 +394,19 @@ class Handlers:
         except InputError as err:
             raise gr.Error(str(err)) from None
 
+    def _whole(self, picture: Image.Image) -> torch.Tensor:
+        """(1, 3, H, W): the whole picture as the tower sees it — its last tile, which for a model that splits
+        images into tiles (SmolVLM) is the global image."""
+        return self.model.processor([picture])[-1:]
+
     def _attention_view(self, picture: Image.Image) -> Image.Image:
-        heat = attention_map(self.model.vision, self.model.processor([picture]))  # (rows, cols)
+        heat = attention_map(self.model.vision, self._whole(picture))  # (rows, cols)
         return overlay(_squared(picture), heat)
 
     def _similarity_view(self, picture: Image.Image, row: float, col: float) -> tuple[Image.Image, str]:
         rows, cols = self.model.config.grid
         row, col = min(max(int(row), 0), rows - 1), min(max(int(col), 0), cols - 1)  # clicks and API input
-        sim = patch_similarity(self.model.vision, self.model.processor([picture]), row, col)
+        sim = patch_similarity(self.model.vision, self._whole(picture), row, col)
         caption = (
             f"Cosine similarity of patch (row {row + 1}, column {col + 1}) of {rows}×{cols} to every patch, "
             f"after the last layer: blue {sim.min():.2f} → red {sim.max():.2f}. "

@@ -324,7 +324,9 @@ def test_fine_tuning_starts_from_an_imported_checkpoint(checkpoints, tmp_path):
 
     assert main(["merge", str(final), str(tmp_path / "merged")]) == 0  # the adapter folded into the LM
     merged = VisionLanguageModel.from_pretrained(tmp_path / "merged")
-    assert merged.config.image_layout == "idefics3" and not any("lora_" in n for n, _ in merged.named_parameters())
+    assert merged.config.image_layout == "idefics3" and not any(
+        "lora_" in n for n, _ in merged.named_parameters()
+    )
     with torch.no_grad():
         torch.testing.assert_close(merged(**_inputs(batch)).logits, expected, atol=1e-4, rtol=0)
 
@@ -340,3 +342,21 @@ def test_the_cli_answers_with_an_imported_checkpoint(checkpoints, tmp_path, caps
     )
     expected = reference(folder, test_image(48, 40, seed=7), QUESTION, max_new_tokens=6).text
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_the_demo_serves_an_imported_checkpoint(checkpoints):
+    """`vlm demo --model <folder>`: the page's model loads through the same path; its encoder views show the
+    whole image (the global tile of a split one)."""
+    from demo.app import load_model
+    from demo.handlers import Handlers
+
+    model, info = load_model(str(checkpoints["smolvlm", True, False]))
+    assert model.config.image_processing.image_splitting and info.name
+    handlers = Handlers(model)
+    try:
+        picture = test_image(80, 40, seed=8)
+        assert handlers._whole(picture).shape == (1, 3, 32, 32)
+        assert torch.equal(handlers._whole(picture)[0], model.processor.tiles(picture).pixels[-1])
+        assert handlers._attention_view(picture).size == handlers._similarity_view(picture, 0, 0)[0].size
+    finally:
+        handlers.close()

@@ -174,8 +174,8 @@ def _read_idefics3(
     vc = config.vision_config
     vision = _vision_config(vc, vision_use_head=False, folder=folder)
     text_hidden = config.text_config.hidden_size
-    tile = processing.longest_edge and _tile_size(folder)
-    if tile and tile != vision.image_size:
+    tile = _tile_size(folder)
+    if tile != vision.image_size:
         raise CheckpointError(
             f"{folder}: the processor cuts {tile}-px tiles but the tower reads {vision.image_size}-px images; vlm "
             "needs them equal (whole tiles, no padding)"
