@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlm.conversation import Message, user
 from vlm.model import ContextTooLong, VisionLanguageModel
-from vlm.processing import ImageLoadError, load_image
+from vlm.processing import ImageLoadError, SiglipImageProcessor, load_image
 from vlm.serving import BatchedGenerator
 from vlm.siglip_model import SiglipModel
 from vlm.viz import attention_map, overlay, patch_similarity
@@ -395,9 +395,10 @@ class Handlers:
             raise gr.Error(str(err)) from None
 
     def _whole(self, picture: Image.Image) -> torch.Tensor:
-        """(1, 3, H, W): the whole picture as the tower sees it — its last tile, which for a model that splits
-        images into tiles (SmolVLM) is the global image."""
-        return self.model.processor([picture])[-1:]
+        """(1, 3, H, W): the whole picture squashed to one tile, normalised as the model's processor does (a model
+        that splits images into tiles sees it so as its global tile, near enough for a picture of attention)."""
+        p = self.model.processor
+        return SiglipImageProcessor(p.image_size, p.mean, p.std, p.resample)([picture])
 
     def _attention_view(self, picture: Image.Image) -> Image.Image:
         heat = attention_map(self.model.vision, self._whole(picture))  # (rows, cols)

@@ -37,7 +37,7 @@ from vlm.checks import CheckpointError
 from vlm.processing import ImageProcessing
 from vlm.projector import ProjectorConfig
 from vlm.siglip import SiglipVisionConfig
-from vlm.weights import read_config, read_json, read_safetensors
+from vlm.weights import check_fits, read_config, read_json, read_safetensors
 
 IDEFICS3 = ("idefics3", "smolvlm")
 FAMILIES = (*IDEFICS3, "llava")
@@ -335,7 +335,7 @@ def write_lm(folder: Path, out: Path) -> None:
     expected = {k: v.shape for k, v in skeleton.state_dict().items()}
     if text_config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    _check_keys(expected, state, f"the LM in {folder}")
+    check_fits(expected, state, f"the LM in {folder}")
     text_config.architectures = [type(skeleton).__name__]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(text_config.to_json_string(), encoding="utf-8")
@@ -349,28 +349,6 @@ def write_lm(folder: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if (folder / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(folder).save_pretrained(out)
-
-
-def _check_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], what: str) -> None:
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-        for k in expected.keys() & state.keys()
-        if tuple(state[k].shape) != tuple(expected[k])
-    )
-    problems = [
-        (t, items)
-        for t, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if items
-    ]
-    if problems:
-        lines = [f"{what} does not fit its architecture:"]
-        lines += [
-            f"  {t} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
-            for t, items in problems
-        ]
-        raise CheckpointError("\n".join(lines))
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -480,7 +458,7 @@ def export(model: Exportable, directory: Path, write: Callable[[Path, nn.Module]
     head = lm.get_output_embeddings()
     state["lm_head.weight"] = head.weight
     hf = AutoModelForImageTextToText.from_config(config)
-    _check_keys({k: v.shape for k, v in hf.state_dict().items()}, state, "the exported model")
+    check_fits({k: v.shape for k, v in hf.state_dict().items()}, state, "the exported model")
     hf.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=True)
     write(directory, hf.eval())
     save_processor(model, family, directory)

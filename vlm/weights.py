@@ -142,13 +142,19 @@ def read_safetensors(folder: Path, keep: Callable[[str], bool] = lambda key: Tru
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """`load_state_dict(strict=True)` with one error that lists every problem at once, sorted."""
-    expected = module.state_dict()
+    check_fits({k: v.shape for k, v in module.state_dict().items()}, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def check_fits(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], what: str) -> None:
+    """One `CheckpointError` listing every key of `state` that does not fit the `expected` shapes: missing,
+    unexpected and mis-shaped, sorted ("{what} does not fit the model: ...")."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     mismatched = sorted(
-        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key])}"
         for key in expected.keys() & state.keys()
-        if state[key].shape != expected[key].shape
+        if tuple(state[key].shape) != tuple(expected[key])
     )
     problems = [
         (title, items)
@@ -162,7 +168,6 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
                 f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
             )
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
 
 
 # --- the SigLIP vision tower: transformers' `SiglipVisionModel` (or the vision half of a `SiglipModel`) --------
