@@ -30,6 +30,7 @@ MODULE_LAYER = {
     "vlm.projector": "assembly",
     "vlm.lm": "assembly",
     "vlm.transformers_format": "assembly",  # SmolVLM / Idefics3 / LLaVA checkpoints in and out: key maps
+    "vlm.nanovlm": "assembly",  # nanoVLM checkpoints in: a key map, its tokenizer, pixels and prompts
     "vlm.lora": "assembly",
     "vlm.model": "assembly",
     "vlm.serving": "assembly",

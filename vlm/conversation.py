@@ -36,26 +36,51 @@ class Encoded:
     images: list[ImageSource] = field(default_factory=list)  # in the order their placeholders appear
 
 
+# nanoVLM's tile and global-image tokens (its VLMConfig.vlm_extra_tokens r1c1..r8c8, global_image_token)
+NANOVLM_TILE, NANOVLM_GLOBAL = "<row_{row}_col_{col}>", "<|global_image|>"
+
+
 @dataclass(frozen=True)
 class ImagePrompt:
     """How an image is written among a conversation's tokens.
 
-    `plain` (LLaVA): `tokens_per_image` image tokens. `idefics3` (Idefics3, SmolVLM): each tile's tokens after
-    a marker, `<fake_token_around_image><row_r_col_c>` for a tile of a split image (a newline after each row of
-    tiles) and `<fake_token_around_image><global-img>` for the whole image, closed by `<fake_token_around_image>`
-    — the layout of transformers' `Idefics3Processor`, which those models were trained on."""
+    `plain` (LLaVA): `tokens_per_image` image tokens per tile. `idefics3` (Idefics3, SmolVLM): each tile's tokens
+    after a marker, `<fake_token_around_image><row_r_col_c>` for a tile of a split image (a newline after each row
+    of tiles) and `<fake_token_around_image><global-img>` for the whole image, closed by
+    `<fake_token_around_image>` — the layout of transformers' `Idefics3Processor`, which those models were trained
+    on. `nanovlm`: nanoVLM's `get_image_string` (data/processors.py): `<image: i>` before each image when a
+    conversation has several, `<|global_image|>` and its tokens first when split images carry a global tile
+    (`global_image`; all a one-tile image gets), then `<row_r_col_c>` and its tokens for each tile.
+
+    `joiner` joins a message's parts (images and texts) into the one string a text template reads: a newline, or
+    nothing for nanoVLM, which writes the image string directly before the question."""
 
     image_token: str
     tokens_per_image: int  # per tile
-    layout: Literal["plain", "idefics3"] = "plain"
+    layout: Literal["plain", "idefics3", "nanovlm"] = "plain"
     typed_parts: bool = False  # the chat template renders typed content parts (a VLM processor's template)
+    joiner: str = "\n"
+    # a split image has a global tile (`vlm.processing.ImageProcessing.global_image`)
+    global_image: bool = True
 
-    def text(self, grid: tuple[int, int] = (0, 0)) -> str:
-        """The image's tokens as text, for an image cut into `grid` (rows, cols) tiles ((0, 0): not cut)."""
+    def text(self, grid: tuple[int, int] = (0, 0), index: int = 0, count: int = 1) -> str:
+        """The image's tokens as text, for an image cut into `grid` (rows, cols) tiles ((0, 0): not cut), the
+        `index`-th of the `count` images of its conversation."""
         run = self.image_token * self.tokens_per_image
-        if self.layout == "plain":
-            return run
         rows, cols = grid
+        if self.layout == "plain":  # one run per tile, the global one included
+            return run if grid == (0, 0) else run * (rows * cols + (self.global_image and grid != (1, 1)))
+        if self.layout == "nanovlm":
+            rows, cols = max(rows, 1), max(cols, 1)  # (0, 0), one tile, is nanoVLM's 1x1 grid
+            text = f"<image: {index}>" if count > 1 else ""
+            if self.global_image:
+                text += NANOVLM_GLOBAL + run
+                if (rows, cols) == (1, 1):
+                    return text
+            tiles = (
+                NANOVLM_TILE.format(row=r + 1, col=c + 1) + run for r in range(rows) for c in range(cols)
+            )
+            return text + "".join(tiles)
         around, whole = "<fake_token_around_image>", f"<fake_token_around_image><global-img>{run}"
         if rows == cols == 0:
             return f"{whole}{around}"
@@ -73,11 +98,11 @@ def user(text: str, images: Sequence[ImageSource] = ()) -> Message:
 
 
 def flatten(
-    messages: Sequence[Message], marker: str, typed: bool = False
+    messages: Sequence[Message], marker: str, typed: bool = False, joiner: str = "\n"
 ) -> tuple[list[dict[str, Any]], list[ImageSource]]:
     """Structured content -> what a chat template reads, and the images in order. `typed`: each message's parts
     as typed parts without the images (`{"type": "image"}`), for a template that places them; else one string
-    per message, the parts joined by newlines and each image written as `marker`."""
+    per message, the parts joined by `joiner` and each image written as `marker`."""
     if not messages:
         raise ValueError("a conversation needs at least one message")
     flat, images = [], []
@@ -108,7 +133,7 @@ def flatten(
                 pieces.append({"type": "image"})
             else:
                 raise ValueError(f"message {i}: unknown content part {part!r}")
-        joined = "\n".join(marker if p["type"] == "image" else p["text"] for p in pieces)
+        joined = joiner.join(marker if p["type"] == "image" else p["text"] for p in pieces)
         flat.append({"role": role, "content": pieces if typed else joined})
     return flat, images
 
@@ -137,10 +162,13 @@ def encode(
     IGNORE_INDEX. The spans are found by rendering each prefix of the conversation, which relies on the
     template rendering a prefix as a prefix of the whole (true of ChatML and the common templates; checked)."""
     marker = prompt.image_token
-    flat, images = flatten(messages, marker, prompt.typed_parts)
+    flat, images = flatten(messages, marker, prompt.typed_parts, prompt.joiner)
     if not any(m["role"] != "system" and _has_text(m) for m in flat) and not images:
         raise ValueError("the conversation is empty: ask something, or give an image")
-    image_texts = [prompt.text(grid(image) if grid is not None else (0, 0)) for image in images]
+    image_texts = [
+        prompt.text(grid(image) if grid is not None else (0, 0), k, len(images))
+        for k, image in enumerate(images)
+    ]
     # images in the first n messages, n = 0 .. len(messages)
     shown_by = [0]
     for message in messages:

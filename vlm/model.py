@@ -56,6 +56,7 @@ from vlm.lm import (
     log_quantization,
     quantization_of,
 )
+from vlm.nanovlm import is_nanovlm, read_nanovlm
 from vlm.processing import ImageProcessing, ImageSource, SiglipImageProcessor, Tiles
 from vlm.projector import Projector, ProjectorConfig
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
@@ -86,6 +87,7 @@ CONFIG_KEYS = {
     "image_processing",
     "image_layout",
     "typed_parts",
+    "part_joiner",
 }
 
 
@@ -110,21 +112,32 @@ class VLMConfig:
     # never by hand; a config.json from before this field loads as None.
     quantization: LMQuantization | None = None
     # How images become pixels (the tower's input) and how they are written among the tokens: SigLIP's
-    # processing and `image_token` x `tokens_per_image` by default; an imported SmolVLM's processor settings,
-    # tiles and layout (`vlm.processing.ImageProcessing`, `vlm.conversation.ImagePrompt`).
+    # processing and `image_token` x `tokens_per_image` by default; an imported SmolVLM's or nanoVLM's processor
+    # settings, tiles and layout (`vlm.processing.ImageProcessing`, `vlm.conversation.ImagePrompt`).
     image_processing: ImageProcessing = ImageProcessing()
-    image_layout: Literal["plain", "idefics3"] = "plain"
+    image_layout: Literal["plain", "idefics3", "nanovlm"] = "plain"
     typed_parts: bool = False  # the LM tokenizer's chat template places typed image/text parts itself
+    # What joins a message's images and texts into its text ("": nanoVLM's, the image string before the question)
+    part_joiner: str = "\n"
 
     def __post_init__(self) -> None:
-        if self.image_processing.image_splitting and self.image_layout != "idefics3":
+        tiling = self.image_processing.tiling
+        if self.image_processing.image_splitting and tiling == "idefics3" and self.image_layout != "idefics3":
             raise ValueError(
                 "image_splitting writes tiles in Idefics3's layout: it needs image_layout 'idefics3'"
+            )
+        if (self.image_layout == "nanovlm") != (tiling == "nanovlm") and self.image_layout != "plain":
+            raise ValueError(
+                "nanoVLM's tiles (image_processing.tiling 'nanovlm') are written in image_layout 'nanovlm' or "
+                "'plain', and image_layout 'nanovlm' needs them"
             )
 
     @property
     def prompt(self) -> ImagePrompt:
-        return ImagePrompt(self.image_token, self.tokens_per_image, self.image_layout, self.typed_parts)
+        return ImagePrompt(
+            self.image_token, self.tokens_per_image, self.image_layout, self.typed_parts, self.part_joiner,
+            self.image_processing.global_image,
+        )  # fmt: skip
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -150,6 +163,7 @@ class VLMConfig:
             "image_processing": self.image_processing.to_dict(),
             "image_layout": self.image_layout,
             "typed_parts": self.typed_parts,
+            "part_joiner": self.part_joiner,
         }
 
     @classmethod
@@ -820,6 +834,13 @@ class VisionLanguageModel(nn.Module):
         return directory
 
     def _export(self, directory: str | Path) -> Path:
+        c = self.config
+        if c.image_processing.tiling != "idefics3" or c.image_layout == "nanovlm" or c.part_joiner != "\n":
+            raise ValueError(
+                "this model reads images and writes prompts as nanoVLM does (its tiles and their order, its image "
+                "string joined to the text); no transformers processor does that, so the exported folder would see "
+                "other pixels and prompts than the model was trained on: save it in the vlm format"
+            )
         target_family(self._exportable(self))  # before any copying: a model with no counterpart fails at once
         directory = check_output_folder(directory, "the exported model's folder", empty=True)
         model = self
@@ -858,8 +879,9 @@ class VisionLanguageModel(nn.Module):
         through bitsandbytes, each with a warning where that differs from the record (answers will differ).
         `device`: where it runs (None: the CPU; see `vlm.devices.resolve_device` for "auto").
 
-        `directory` may also be a transformers checkpoint of SmolVLM / Idefics3 or of LLaVA with a SigLIP tower
-        (a folder or a hub id): its tensors load into our tower, projector and LM (`vlm.transformers_format`)."""
+        `directory` may also be a transformers checkpoint of SmolVLM / Idefics3 or of LLaVA with a SigLIP tower, or a
+        nanoVLM checkpoint (a folder or a hub id): its tensors load into our tower, projector and LM
+        (`vlm.transformers_format`, `vlm.nanovlm`)."""
         source = str(directory)
         directory = Path(directory).expanduser()
         if not directory.is_dir():
@@ -872,6 +894,8 @@ class VisionLanguageModel(nn.Module):
         raw = read_config(directory)
         if "model_type" in raw and "format" not in raw:  # a transformers checkpoint, not a vlm folder
             check_family(raw, directory)
+            return cls._imported(directory, source, dtype, quantization, lm, device)
+        if is_nanovlm(raw):
             return cls._imported(directory, source, dtype, quantization, lm, device)
         try:
             config = VLMConfig.from_dict(raw)
@@ -917,8 +941,8 @@ class VisionLanguageModel(nn.Module):
         lm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None,
         device: torch.device | str | None,
     ) -> VisionLanguageModel:
-        """A transformers VLM checkpoint as a `VisionLanguageModel`: its LM through `load_lm` (which writes it
-        once as its own folder), its tower and projector loaded strictly into ours. `lm_source` names the
+        """A transformers VLM or nanoVLM checkpoint as a `VisionLanguageModel`: its LM through `load_lm` (which
+        writes it once as its own folder), its tower and projector loaded strictly into ours. `lm_source` names the
         checkpoint as given (hub id or folder), so a fine-tuned model saved in our format reloads it."""
         if quantization is AS_SAVED:
             quantization = None
@@ -927,12 +951,21 @@ class VisionLanguageModel(nn.Module):
             if lm is not None
             else load_lm(source if not Path(source).expanduser().exists() else folder, dtype, quantization)
         )
-        imported = read_checkpoint(folder, lm[1])
-        config = VLMConfig(
-            vision=imported.vision, projector=imported.projector, lm_source=source, image_token=imported.image_token,
-            vision_feature_layer=imported.vision_feature_layer, image_processing=imported.image_processing,
-            image_layout=imported.image_layout, typed_parts=imported.typed_parts,
-        )  # fmt: skip
+        if is_nanovlm(read_config(folder)):
+            imported = read_nanovlm(folder)
+            config = VLMConfig(
+                vision=imported.vision, projector=imported.projector, lm_source=source,
+                image_token=imported.image_token, image_processing=imported.image_processing,
+                image_layout=imported.image_layout, part_joiner=imported.part_joiner,
+            )  # fmt: skip
+        else:
+            imported = read_checkpoint(folder, lm[1])
+            config = VLMConfig(
+                vision=imported.vision, projector=imported.projector, lm_source=source,
+                image_token=imported.image_token, vision_feature_layer=imported.vision_feature_layer,
+                image_processing=imported.image_processing, image_layout=imported.image_layout,
+                typed_parts=imported.typed_parts,
+            )  # fmt: skip
         model = cls.build(config, dtype=dtype, lm=lm)
         load_strict(model.vision, imported.vision_state, f"the vision tower in {folder}")
         load_strict(model.projector, imported.projector_state, f"the projector in {folder}")

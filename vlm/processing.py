@@ -5,6 +5,8 @@ References
   torchvision): convert to RGB compositing transparency onto white, PIL bicubic resize to a fixed square
   (`reducing_gap=None`), rescale by 1/255 in float64, cast to float32, normalise with mean = std = 0.5.
   `SiglipImageProcessor` here is tested against it to the bit on real photos.
+- nanoVLM's processors (huggingface/nanoVLM data/processors.py, data/custom_transforms.py): torchvision's
+  Resize / DynamicResize on the PIL image, ToTensor ([0, 1], no normalisation), tiles (`ImageProcessing`).
 
 Deliberate deviations from the reference (all in `load_image`, before the shared pipeline)
 - EXIF orientation is applied, so a phone photo stored sideways comes out upright.
@@ -28,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = str | Path | Image.Image | bytes | bytearray
@@ -135,16 +138,25 @@ class ImageProcessing:
     """How a model's images become pixels, beyond the tower's input size: what a checkpoint's processor config
     says (`VLMConfig.image_processing`). The defaults are SigLIP's own preprocessing.
 
-    `longest_edge` and `image_splitting` are Idefics3's scheme (SmolVLM's processor): the image is first resized
-    so that its longest edge is `longest_edge` (aspect kept, the other side rounded up to even), then either
-    squashed to one square tile (no splitting), or resized up to whole tiles and cut into rows x cols tiles read
-    row by row, followed by the whole image squashed to one more tile (the "global" image)."""
+    `longest_edge` and `image_splitting` are Idefics3's scheme (SmolVLM's processor, `tiling="idefics3"`): the
+    image is first resized so that its longest edge is `longest_edge` (aspect kept, the other side rounded up to
+    even), then either squashed to one square tile (no splitting), or resized up to whole tiles and cut into
+    rows x cols tiles read row by row, followed by the whole image squashed to one more tile (the "global" image).
+
+    `tiling="nanovlm"` is nanoVLM's (data/custom_transforms.py: DynamicResize, GlobalAndSplitImages): one resize
+    so that the longer side is a whole number of tiles, at most `longest_edge` (`resize_to_longest_edge`: exactly
+    `longest_edge`, their resize_to_max_side_len), and the shorter side the same scale rounded up to whole tiles;
+    then rows x cols tiles read row by row, preceded, when `global_image` and there is more than one tile, by the
+    whole image shrunk to one tile as torchvision shrinks a tensor (bilinear, antialiased, on [0, 1] pixels)."""
 
     resample: int = Image.Resampling.BICUBIC
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     longest_edge: int | None = None
     image_splitting: bool = False
+    tiling: Literal["idefics3", "nanovlm"] = "idefics3"
+    global_image: bool = True  # a split image gets a tile of the whole too (nanoVLM: some checkpoints)
+    resize_to_longest_edge: bool = False  # nanovlm tiling: the longer side always to longest_edge
 
     def __post_init__(self) -> None:
         if self.resample not in {int(r) for r in Image.Resampling}:
@@ -153,14 +165,21 @@ class ImageProcessing:
             raise ValueError(f"longest_edge must be >= 1, got {self.longest_edge}")
         if self.image_splitting and self.longest_edge is None:
             raise ValueError("image_splitting needs longest_edge (the size the image is first resized to)")
+        if self.tiling not in ("idefics3", "nanovlm"):
+            raise ValueError(f"tiling must be 'idefics3' or 'nanovlm', got {self.tiling!r}")
+        if self.tiling == "nanovlm" and not self.image_splitting:
+            raise ValueError("tiling 'nanovlm' cuts tiles: it needs image_splitting")
+        if self.tiling == "idefics3" and (not self.global_image or self.resize_to_longest_edge):
+            raise ValueError("global_image false and resize_to_longest_edge are options of tiling 'nanovlm'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Tiles(NamedTuple):
-    """One image as the tower sees it: (n, 3, S, S) pixels, and its tile grid (0, 0 when it is one tile; else
-    rows x cols tiles followed by the global image, n = rows * cols + 1)."""
+    """One image as the tower sees it: (n, 3, S, S) pixels, and its tile grid: (0, 0) when it is one tile, not
+    split; else rows x cols tiles, with Idefics3's tiling followed by the global image (n = rows * cols + 1), with
+    nanoVLM's preceded by it when there is one (n = rows * cols + 1, or rows * cols; (1, 1) has none)."""
 
     pixels: torch.Tensor
     grid: tuple[int, int]
@@ -175,7 +194,8 @@ class SiglipImageProcessor:
     (x - mean) / std, which with the SigLIP default of 0.5 maps pixels to [-1, 1].
 
     With `longest_edge` (and `splitting`) it is Idefics3's image processor instead (`ImageProcessing`), equal to
-    `transformers`' `Idefics3ImageProcessorPil`: one image may then be several tiles (`tiles`)."""
+    `transformers`' `Idefics3ImageProcessorPil`, or with `tiling="nanovlm"` nanoVLM's: one image may then be
+    several tiles (`tiles`)."""
 
     image_size: int | tuple[int, int] = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -184,6 +204,9 @@ class SiglipImageProcessor:
     max_pixels: int = DEFAULT_MAX_PIXELS
     longest_edge: int | None = None
     splitting: bool = False
+    tiling: Literal["idefics3", "nanovlm"] = "idefics3"  # see `ImageProcessing`
+    global_image: bool = True
+    resize_to_longest_edge: bool = False
 
     def __post_init__(self) -> None:
         height, width = self.size
@@ -197,13 +220,19 @@ class SiglipImageProcessor:
             raise ValueError(
                 f"Idefics3's scheme cuts square tiles; image_size {self.image_size} is not square"
             )
+        if self.tiling == "nanovlm" and (self.longest_edge is None or self.longest_edge % height):
+            raise ValueError(
+                f"nanoVLM's tiling needs a longest_edge that is a whole number of {height}-px tiles, got "
+                f"{self.longest_edge}"
+            )
 
     @classmethod
     def of(cls, image_size: int, processing: ImageProcessing) -> SiglipImageProcessor:
         """The processor of a model whose tower reads `image_size` squares."""
         return cls(
             image_size, processing.image_mean, processing.image_std, processing.resample,
-            longest_edge=processing.longest_edge, splitting=processing.image_splitting,
+            longest_edge=processing.longest_edge, splitting=processing.image_splitting, tiling=processing.tiling,
+            global_image=processing.global_image, resize_to_longest_edge=processing.resize_to_longest_edge,
         )  # fmt: skip
 
     @property
@@ -225,6 +254,8 @@ class SiglipImageProcessor:
         rgb = load_image(image, self.max_pixels)
         if self.longest_edge is None:
             return Tiles(self._normalise([self._resize(rgb, self.size)]), (0, 0))
+        if self.tiling == "nanovlm":
+            return self._nanovlm_tiles(rgb)
         # Idefics3: every resize is from the uint8 image, as transformers' PIL backend does.
         rgb = self._resize(rgb, _longest_edge_size(rgb.height, rgb.width, self.longest_edge))
         tile = self.size[0]
@@ -241,6 +272,26 @@ class SiglipImageProcessor:
         ]
         return Tiles(self._normalise([*crops, self._resize(rgb, (tile, tile))]), (rows, cols))
 
+    def _nanovlm_tiles(self, rgb: Image.Image) -> Tiles:
+        """nanoVLM's DynamicResize, ToTensor and GlobalAndSplitImages (see `ImageProcessing`)."""
+        tile = self.size[0]
+        rgb = self._resize(
+            rgb, _nanovlm_size(rgb.height, rgb.width, tile, self.longest_edge, self.resize_to_longest_edge)
+        )
+        rows, cols = rgb.height // tile, rgb.width // tile
+        crops = [
+            rgb.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        pixels = self._normalise(crops)
+        if self.global_image and (rows, cols) != (1, 1):
+            # torchvision's tensor resize: F.interpolate, bilinear, antialiased, on ToTensor's [0, 1] values
+            whole = torch.from_numpy(_unit([rgb])).permute(0, 3, 1, 2)  # (1, 3, H, W)
+            shrunk = F.interpolate(whole, (tile, tile), mode="bilinear", align_corners=False, antialias=True)
+            pixels = torch.cat([self._standardise(shrunk.permute(0, 2, 3, 1).numpy()), pixels])
+        return Tiles(pixels, (rows, cols))
+
     def grid(self, image: ImageSource) -> tuple[int, int]:
         """The tile grid `tiles` gives `image` ((0, 0): one tile), from its size alone when it is not split."""
         return (0, 0) if not self.splitting else self.tiles(image).grid
@@ -251,9 +302,11 @@ class SiglipImageProcessor:
 
     def _normalise(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """uint8 RGB images of one size -> (n, 3, H, W) float32."""
-        # Bit-equal to the reference, which rescales in float64 and casts to float32: for all 256 uint8
-        # values that gives exactly the float32 quotient. Normalising is float32 in both.
-        x = np.stack([np.asarray(image) for image in images]).astype(np.float32) / 255  # (n, H, W, 3)
+        return self._standardise(_unit(images))
+
+    def _standardise(self, x: np.ndarray) -> torch.Tensor:
+        """(n, H, W, 3) float32 in [0, 1] -> (x - mean) / std as (n, 3, H, W) float32 (float32 arithmetic, as the
+        references; with mean 0 and std 1, nanoVLM's, the values are left exactly as they are)."""
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
@@ -269,6 +322,23 @@ class SiglipImageProcessor:
         if len(images) == 0:
             return torch.empty(0, 3, *self.size)
         return torch.cat([self.tiles(image).pixels for image in images])
+
+
+def _unit(images: Sequence[Image.Image]) -> np.ndarray:
+    """uint8 RGB images of one size -> (n, H, W, 3) float32 in [0, 1]. Bit-equal to transformers, which rescales
+    in float64 and casts to float32, and to torchvision's ToTensor, which divides in float32: for all 256 uint8
+    values both give exactly the float32 quotient."""
+    return np.stack([np.asarray(image) for image in images]).astype(np.float32) / 255
+
+
+def _nanovlm_size(height: int, width: int, tile: int, longest: int, to_longest: bool) -> tuple[int, int]:
+    """nanoVLM's DynamicResize._get_new_hw: the longer side up to whole tiles, at most `longest` (`to_longest`:
+    exactly `longest`), the shorter one scaled alike and rounded up to whole tiles (at least one)."""
+    long, short = (width, height) if width >= height else (height, width)
+    target_long = longest if to_longest else min(longest, math.ceil(long / tile) * tile)
+    scale = target_long / long
+    target_short = max(math.ceil(short * scale / tile) * tile, tile)
+    return (target_short, target_long) if width >= height else (target_long, target_short)
 
 
 # Idefics3's resizing rules (transformers' `Idefics3ImageProcessorPil`), as numbers: the size an image is resized
