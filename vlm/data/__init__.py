@@ -5,6 +5,11 @@
 - `files`: your own caption pairs for pretraining, from JSONL, folders and Hugging Face datasets;
 - `emoji`, `openclipart`, `flags`, `fashion_mnist`, `easy_vqa`: the packaged offline sources, each with the
   same `build(split, size, limit, ...)`; `easy_vqa` also gives its questions as VQA rows;
+- `scenes`: generated scenes (shapes, emoji and clip art pictures, words, a bar chart) described in full, with
+  questions by skill (existence, count, color, shape, position, relation, compare, reading, chart, caption,
+  detail) computed from the description: `open_data` names them `scenes` (vqa, caption, chat);
+- `sort_of_clevr`: Sort-of-CLEVR as Santoro et al. 2017 specify it, with English questions (`sort-of-clevr`,
+  vqa; question_type relational or non-relational);
 - `sources`: the sources by name (`SOURCES`), mixing and splitting;
 - `named`: data as a config names it (a packaged source, a file, a folder or a hub id, of kind vqa, caption or
   chat: VQAv2, several captions an image, LLaVA-Instruct, transformers' chat format, the Cauldron), as

@@ -144,6 +144,15 @@ def open_data(spec: DataSpec) -> Rows:
     if spec.kind == "vqa" and spec.name in ("easy-vqa", "easy_vqa"):
         rows = load_easy_vqa_rows(spec.split, limit=spec.limit, seed=spec.seed)
         return Rows(spec, datasets.Dataset.from_list(rows), Path.cwd())
+    if spec.name in ("scenes", "sort-of-clevr", "sort_of_clevr"):  # generated here from seeds
+        from vlm.data import scenes, sort_of_clevr
+
+        generator = scenes if spec.name == "scenes" else sort_of_clevr
+        try:  # `subset`: the skills to keep ("count,position")
+            built = generator.load_rows(spec.kind, spec.split, limit=spec.limit, subset=spec.subset)
+        except ValueError as err:
+            raise DataError(f"{spec.name}: {err}") from None
+        return Rows(spec, built, Path.cwd(), report=skip_report(built))
     if spec.kind == "caption" and spec.name in SOURCES:
         built = SOURCES[spec.name](split=spec.split, limit=spec.limit)
         return Rows(spec, built, Path.cwd(), report=skip_report(built))
