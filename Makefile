@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml Makefile | cksum | cut
 # own browser download does not work here). Installed when we are root (CI is); otherwise named once, and the
 # data builders and the browser test skip what is missing (outside CI) with a one-line message.
 DEB_PKGS := fonts-noto-color-emoji unicode-data openclipart-svg libcairo2 iso-flags-png-320x240 iso-codes \
-            dataset-fashion-mnist chromium
+            dataset-fashion-mnist chromium fonts-dejavu-core
 
 .PHONY: setup test lint demo bench default-model clean
 

@@ -80,6 +80,18 @@ def test_a_transformers_checkpoint_answers_as_transformers_does(checkpoints, cas
     assert model.config.lm_source == str(folder)
 
 
+def test_image_splitting_can_be_turned_off_as_in_transformers(smollm2_folder, tmp_path):
+    """`set_image_splitting(False)` on a splitting checkpoint answers as transformers with
+    do_image_splitting=False (the same weights saved with that processor setting)."""
+    split = save_tiny_vlm(tmp_path / "split", "smolvlm", smollm2_folder, splitting=True, seed=4)
+    single = save_tiny_vlm(tmp_path / "single", "smolvlm", smollm2_folder, splitting=False, seed=4)
+    model = VisionLanguageModel.from_pretrained(split)
+    model.set_image_splitting(False)
+    ours_vs_reference(model, single, test_image(80, 40, seed=6))
+    model.set_image_splitting(True)
+    ours_vs_reference(model, split, test_image(80, 40, seed=6))
+
+
 def test_pixel_shuffle_orders_channels_as_idefics3(smollm2_folder):
     """Our pixel_shuffle projector without bias computes Idefics3's connector, weights loaded as they are."""
     config = Idefics3Config(
