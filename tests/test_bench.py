@@ -105,8 +105,19 @@ def test_demo_load_smoke_serves_two_clients(capsys) -> None:
     assert lines_matching(out, r"^  latency p50 / p95 +[\d.]+ / [\d.]+ s$")
 
 
+def test_imported_smoke_answers_alike_and_prints_its_tables(capsys) -> None:
+    bench("imported").main(["--smoke"])  # raises if the two sides' greedy ids, prompts or pixels differ
+    out = capsys.readouterr().out
+    # image splitting on and off
+    assert len(lines_matching(out, r"^greedy token ids: ours == transformers, 4 tokens")) == 2
+    assert lines_matching(out, r"^image splitting on: 4 x 3 tiles \+ the global one = 13 tiles")
+    for metric in ("load, first s", "prepare ms", "prefill ms", "decode tok/s"):
+        assert len(lines_matching(out, rf" {re.escape(metric)} +-?[\d.]+ +-?[\d.]+ +-?[\d.]+x$")) == 2, metric
+    assert len(lines_matching(out, r" in use after load \+ first answer +-?\d+ +-?\d+ ")) == 2
+
+
 @no_gpu
-@pytest.mark.parametrize("name", ["encoder", "train_step"])
+@pytest.mark.parametrize("name", ["encoder", "train_step", "imported"])
 def test_cuda_without_a_gpu_is_a_one_line_error(name: str) -> None:
     with pytest.raises(
         SystemExit, match=rf"^bench/{name}\.py: --device cuda needs a CUDA GPU; torch .* sees none$"

@@ -116,10 +116,7 @@ def read_checkpoint(folder: Path, tokenizer: Any) -> Imported:
     read by `write_lm`. `tokenizer` is the checkpoint's (image token ids -> their text)."""
     family = check_family(read_config(folder), folder)
     config = hf_config(folder)
-    parts = split_state(folder, family)
-    lm_keys = {k for k in parts if k.startswith("lm.")}
-    if not lm_keys:
-        raise CheckpointError(f"{folder} holds no LM tensors")
+    parts = split_state(folder, family, ("vision", "projector"))  # the LM's are read by `write_lm`
     image_token = _token(tokenizer, config.image_token_id, folder)
     processing = image_processing(folder, family)
     typed = renders_typed_images(tokenizer, image_token)
@@ -143,22 +140,23 @@ def read_checkpoint(folder: Path, tokenizer: Any) -> Imported:
     return imported
 
 
-def split_state(folder: Path, family: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The checkpoint's tensors by part ("vision", "projector", "lm.model", "lm.lm_head"), their part's prefix
-    stripped; a tensor of no part is an error (nothing is dropped silently)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    stray = []
-    for key, value in read_safetensors(folder).items():
-        found = next(
-            ((part, p) for part, prefixes in PREFIXES[family].items() for p in prefixes if key.startswith(p)),
-            None,
-        )
+def split_state(folder: Path, family: str, wanted: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's tensors of the `wanted` parts ("vision", "projector", "lm.model", "lm.lm_head"), by part,
+    their part's prefix stripped; only those are read. A tensor of no part is an error (nothing is dropped
+    silently)."""
+    stray: set[str] = set()
+
+    def keep(key: str) -> bool:
+        found = _part(key, family)
         if found is None:
-            stray.append(key)
-            continue
-        part, prefix = found
+            stray.add(key)
+        return found is not None and found[0] in wanted
+
+    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in wanted}
+    for key, value in read_safetensors(folder, keep).items():
+        part, prefix = _part(key, family)
         name = key.removeprefix(prefix)
-        if name in parts.setdefault(part, {}):  # two layouts in one file
+        if name in parts[part]:  # two layouts in one file
             raise CheckpointError(f"{folder}: {part} tensor {name} appears twice (under two key layouts)")
         parts[part][name] = value
     if stray:
@@ -166,6 +164,14 @@ def split_state(folder: Path, family: str) -> dict[str, dict[str, torch.Tensor]]
             f"{folder}: tensors of no known part of a {family} model ({len(stray)}): {', '.join(sorted(stray)[:20])}"
         )
     return parts
+
+
+def _part(key: str, family: str) -> tuple[str, str] | None:
+    """(the part a checkpoint key belongs to, its prefix there), by the family's layouts (`PREFIXES`)."""
+    return next(
+        ((part, p) for part, prefixes in PREFIXES[family].items() for p in prefixes if key.startswith(p)),
+        None,
+    )
 
 
 def _read_idefics3(
@@ -180,7 +186,7 @@ def _read_idefics3(
             f"{folder}: the processor cuts {tile}-px tiles but the tower reads {vision.image_size}-px images; vlm "
             "needs them equal (whole tiles, no padding)"
         )
-    state = dict(parts.get("vision", {}))
+    state = dict(parts["vision"])
     side = vision.image_size // vision.patch_size
     key = "embeddings.position_embedding.weight"
     if key in state:  # see the module docstring: where rounding merges buckets, read the rows Idefics3 reads
@@ -189,7 +195,7 @@ def _read_idefics3(
         vision.hidden_size, text_hidden, kind="pixel_shuffle", scale_factor=config.scale_factor, bias=False
     )
     return Imported(
-        vision, projector, state, {f"linear_1.{k.removeprefix('proj.')}": v for k, v in parts.get("projector", {}).items()},
+        vision, projector, state, {f"linear_1.{k.removeprefix('proj.')}": v for k, v in parts["projector"].items()},
         image_token, -1, processing, "idefics3", typed,
     )  # fmt: skip
 
@@ -226,7 +232,7 @@ def _read_llava(
         raise CheckpointError(f"{folder}: a LLaVA processor that resizes by longest edge is not supported")
     ours = vision.num_hidden_layers if layer == -1 else layer  # LLaVA's -1 is before post_layernorm
     return Imported(
-        vision, projector, dict(parts.get("vision", {})), dict(parts.get("projector", {})), image_token, ours,
+        vision, projector, dict(parts["vision"]), dict(parts["projector"]), image_token, ours,
         processing, "plain", typed,
     )  # fmt: skip
 
@@ -325,9 +331,9 @@ def write_lm(folder: Path, out: Path) -> None:
 
     family = check_family(read_config(folder), folder)
     text_config = hf_config(folder).text_config
-    parts = split_state(folder, family)
-    state = {f"model.{k}": v for k, v in parts.get("lm.model", {}).items()}
-    state |= {f"lm_head.{k}": v for k, v in parts.get("lm.lm_head", {}).items()}
+    parts = split_state(folder, family, ("lm.model", "lm.lm_head"))
+    state = {f"model.{k}": v for k, v in parts["lm.model"].items()}
+    state |= {f"lm_head.{k}": v for k, v in parts["lm.lm_head"].items()}
     # An absent head is the tied one (the embedding matrix); a stored one is used as stored.
     text_config.tie_word_embeddings = "lm_head.weight" not in state
     with torch.device("meta"):
