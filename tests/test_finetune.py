@@ -397,13 +397,12 @@ def offline(cfg: ft.FinetuneConfig, folder: Path) -> ft.FinetuneConfig:
 
 def is_hub_id(name: str) -> bool:
     """Not a packaged source, an existing path or a file name: `vlm.data.named.open_data` asks the hub."""
-    from vlm.data.named import FILE_TYPES
+    from vlm.data.named import FILE_TYPES, GENERATED
 
     path = Path(name).expanduser()
     looks_local = path.suffix.lower() in FILE_TYPES or name.startswith((".", "/", "~"))
-    return (
-        name not in SOURCES and name not in ("easy-vqa", "easy_vqa") and not looks_local and not path.exists()
-    )
+    packaged = name in SOURCES or name in GENERATED or name in ("easy-vqa", "easy_vqa")
+    return not packaged and not looks_local and not path.exists()
 
 
 def png(color: str) -> bytes:

@@ -18,6 +18,7 @@ Deliberate choices
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Iterator, Sequence
@@ -345,13 +346,18 @@ class VisionLanguageModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         quantization: Quantization = None,
         lm: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+        empty: bool = False,
     ) -> VisionLanguageModel:
-        """A fresh vision tower and projector around the LM named by `config.lm_source` (or given as `lm`)."""
+        """A fresh vision tower and projector around the LM named by `config.lm_source` (or given as `lm`).
+        `empty`: the tower and projector are left on the meta device, uninitialised, for a loader that assigns
+        every weight (`load_strict(..., assign=True)`): initialising SigLIP-B at random takes ~1 s for nothing."""
         model, tokenizer = lm if lm is not None else load_lm(config.lm_source, dtype, quantization)
-        vision = SiglipVisionEncoder(config.vision)
-        projector = Projector(config.projector)
-        token_rms = model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
-        projector.match_output_scale(token_rms)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            vision = SiglipVisionEncoder(config.vision)
+            projector = Projector(config.projector)
+        if not empty:
+            token_rms = model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
+            projector.match_output_scale(token_rms)
         # what the LM really is (a 4-bit one given as `lm` too), so that a saved model reloads it alike
         config = replace(config, quantization=quantization_of(model))
         return cls(config, vision.to(dtype), projector.to(dtype), model, tokenizer).eval()
@@ -920,7 +926,7 @@ class VisionLanguageModel(nn.Module):
         recorded = config.quantization
         if quantization is AS_SAVED or (recorded is not None and quantization == recorded.bits):
             quantization = recorded  # exactly the settings the adapter was trained against
-        model = cls.build(config, dtype=dtype, quantization=quantization, lm=lm)
+        model = cls.build(config, dtype=dtype, quantization=quantization, lm=lm, empty=True)
         # The config describes the LM as it is now loaded (a given `lm` included), so a model saved again
         # records that; the log line compares it with the record.
         model.config = replace(model.config, quantization=quantization_of(model.lm))
@@ -932,8 +938,8 @@ class VisionLanguageModel(nn.Module):
             if prefix is None:
                 raise CheckpointError(f"{directory}: unexpected key {key}")
             parts[prefix][key.removeprefix(prefix)] = value
-        load_strict(model.vision, parts["vision."], f"the vision tower in {directory}")
-        load_strict(model.projector, parts["projector."], f"the projector in {directory}")
+        load_strict(model.vision, parts["vision."], f"the vision tower in {directory}", assign=True)
+        load_strict(model.projector, parts["projector."], f"the projector in {directory}", assign=True)
         model.load_added_token_state(parts["lm."], directory)
         if (directory / "adapter").is_dir():  # LoRA weights from fine-tuning live beside the model
             from vlm.lora import load_adapter  # peft (and with it bitsandbytes) only when there is an adapter
@@ -976,9 +982,9 @@ class VisionLanguageModel(nn.Module):
                 image_processing=imported.image_processing, image_layout=imported.image_layout,
                 typed_parts=imported.typed_parts,
             )  # fmt: skip
-        model = cls.build(config, dtype=dtype, lm=lm)
-        load_strict(model.vision, imported.vision_state, f"the vision tower in {folder}")
-        load_strict(model.projector, imported.projector_state, f"the projector in {folder}")
+        model = cls.build(config, dtype=dtype, lm=lm, empty=True)
+        load_strict(model.vision, imported.vision_state, f"the vision tower in {folder}", assign=True)
+        load_strict(model.projector, imported.projector_state, f"the projector in {folder}", assign=True)
         return _placed(model.to(dtype), device).eval()
 
     def load_added_token_state(self, state: dict[str, torch.Tensor], directory: Path) -> None:

@@ -140,10 +140,14 @@ def read_safetensors(folder: Path, keep: Callable[[str], bool] = lambda key: Tru
     return state
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """`load_state_dict(strict=True)` with one error that lists every problem at once, sorted."""
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """`load_state_dict(strict=True)` with one error that lists every problem at once, sorted. `assign`: the
+    tensors become the module's (a module built on the meta device), each in the checkpoint's dtype."""
     check_fits({k: v.shape for k, v in module.state_dict().items()}, state, what)
-    module.load_state_dict(state, strict=True)
+    if assign:  # fresh allocations: a view into a safetensors file is not aligned as kernels expect, and a
+        # matmul over it may round differently
+        state = {k: v.clone() for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def check_fits(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], what: str) -> None:

@@ -136,6 +136,9 @@ class DataSpec:
 # -- opening --------------------------------------------------------------------------------------------------
 
 
+GENERATED = ("scenes", "sort-of-clevr", "sort_of_clevr")  # sources generated here from seeds, never looked up
+
+
 def open_data(spec: DataSpec) -> Rows:
     """`spec`'s rows, checked to fit its kind; `DataError` if they cannot (see the module docstring)."""
     from vlm.data.easy_vqa import load_easy_vqa_rows
@@ -144,7 +147,7 @@ def open_data(spec: DataSpec) -> Rows:
     if spec.kind == "vqa" and spec.name in ("easy-vqa", "easy_vqa"):
         rows = load_easy_vqa_rows(spec.split, limit=spec.limit, seed=spec.seed)
         return Rows(spec, datasets.Dataset.from_list(rows), Path.cwd())
-    if spec.name in ("scenes", "sort-of-clevr", "sort_of_clevr"):  # generated here from seeds
+    if spec.name in GENERATED:
         from vlm.data import scenes, sort_of_clevr
 
         generator = scenes if spec.name == "scenes" else sort_of_clevr
