@@ -850,13 +850,6 @@ class VisionLanguageModel(nn.Module):
         return directory
 
     def _export(self, directory: str | Path) -> Path:
-        c = self.config
-        if c.image_processing.tiling != "idefics3" or c.image_layout == "nanovlm" or c.part_joiner != "\n":
-            raise ValueError(
-                "this model reads images and writes prompts as nanoVLM does (its tiles and their order, its image "
-                "string joined to the text); no transformers processor does that, so the exported folder would see "
-                "other pixels and prompts than the model was trained on: save it in the vlm format"
-            )
         target_family(self._exportable(self))  # before any copying: a model with no counterpart fails at once
         directory = check_output_folder(directory, "the exported model's folder", empty=True)
         model = self
@@ -876,7 +869,8 @@ class VisionLanguageModel(nn.Module):
         c = model.config
         return Exportable(
             c.vision, c.projector, c.vision_feature_layer, model.image_token_id, c.image_processing, c.image_layout,
-            c.typed_parts, _base_weights(model.vision.state_dict()), model.projector.state_dict(), model.lm, model.tokenizer,
+            c.typed_parts, c.part_joiner, _base_weights(model.vision.state_dict()), model.projector.state_dict(),
+            model.lm, model.tokenizer,
         )  # fmt: skip
 
     @classmethod
@@ -967,21 +961,12 @@ class VisionLanguageModel(nn.Module):
             if lm is not None
             else load_lm(source if not Path(source).expanduser().exists() else folder, dtype, quantization)
         )
-        if is_nanovlm(read_config(folder)):
-            imported = read_nanovlm(folder)
-            config = VLMConfig(
-                vision=imported.vision, projector=imported.projector, lm_source=source,
-                image_token=imported.image_token, image_processing=imported.image_processing,
-                image_layout=imported.image_layout, part_joiner=imported.part_joiner,
-            )  # fmt: skip
-        else:
-            imported = read_checkpoint(folder, lm[1])
-            config = VLMConfig(
-                vision=imported.vision, projector=imported.projector, lm_source=source,
-                image_token=imported.image_token, vision_feature_layer=imported.vision_feature_layer,
-                image_processing=imported.image_processing, image_layout=imported.image_layout,
-                typed_parts=imported.typed_parts,
-            )  # fmt: skip
+        imported = read_nanovlm(folder) if is_nanovlm(read_config(folder)) else read_checkpoint(folder, lm[1])
+        config = VLMConfig(
+            vision=imported.vision, projector=imported.projector, lm_source=source, image_token=imported.image_token,
+            vision_feature_layer=imported.vision_feature_layer, image_processing=imported.image_processing,
+            image_layout=imported.image_layout, typed_parts=imported.typed_parts, part_joiner=imported.part_joiner,
+        )  # fmt: skip
         model = cls.build(config, dtype=dtype, lm=lm, empty=True)
         load_strict(model.vision, imported.vision_state, f"the vision tower in {folder}", assign=True)
         load_strict(model.projector, imported.projector_state, f"the projector in {folder}", assign=True)

@@ -81,7 +81,7 @@ from vlm.conversation import NANOVLM_GLOBAL, NANOVLM_TILE, ImagePrompt
 from vlm.processing import ImageProcessing
 from vlm.projector import ProjectorConfig
 from vlm.siglip import SiglipVisionConfig
-from vlm.weights import read_config, read_safetensors, safetensors_files
+from vlm.weights import check_fits, raise_problems, read_config, read_safetensors, safetensors_files
 
 # ViT block: their name -> ours (under vision_encoder.blocks.{i}. / encoder.layers.{i}.), weight and bias each
 _VIT_BLOCK = {"ln1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln2": "layer_norm2"}
@@ -217,6 +217,8 @@ class NanoVLMCheckpoint:
     image_processing: ImageProcessing
     image_layout: Literal["plain", "nanovlm"]
     part_joiner: str = ""  # `image_string + prompt`
+    vision_feature_layer: int = -1  # the tower's output, after its final layer norm
+    typed_parts: bool = False  # their chat template is a text one: parts are joined (`part_joiner`)
 
     @property
     def prompt(self) -> ImagePrompt:
@@ -411,7 +413,7 @@ def _check(c: NanoVLMConfig, state: dict[str, torch.Tensor], folder: Path) -> No
         (title, items)
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
         if items
-    ]
+    ]  # the tied-pair and RoPE checks below only mean something once the keys fit
     tied_pair = c.lm_tie_weights and EMBEDDING in state and HEAD in state
     if not problems and tied_pair and not torch.equal(state[EMBEDDING], state[HEAD]):
         problems.append(("tied but different", [f"{EMBEDDING} and {HEAD} (lm_tie_weights is true)"]))
@@ -421,12 +423,7 @@ def _check(c: NanoVLMConfig, state: dict[str, torch.Tensor], folder: Path) -> No
         wanted = 1.0 / (c.lm_re_base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         if not torch.allclose(stored.float(), wanted.to(stored.dtype).float(), rtol=1e-5, atol=0.0):
             problems.append(("rope", [f"{INV_FREQ} is not the RoPE of lm_re_base {c.lm_re_base}"]))
-    if problems:
-        lines = [f"{folder} (nanoVLM) does not fit its config.json:"]
-        for title, items in problems:
-            more = " ..." if len(items) > 20 else ""
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
-        raise CheckpointError("\n".join(lines))
+    raise_problems(f"{folder} (nanoVLM) does not fit its config.json:", problems)
 
 
 def _vision_state(c: NanoVLMConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -548,15 +545,11 @@ def write_lm(folder: Path, out: Path) -> None:
     config = LlamaConfig(**checkpoint.text_config)
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    expected = {k: v.shape for k, v in skeleton.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    got = {k: tuple(v.shape) for k, v in checkpoint.lm_state.items()}
-    if got != expected:  # the key map and the installed transformers' Llama disagree
-        differ = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-        raise CheckpointError(
-            f"{folder}: its LM does not fit transformers' LlamaForCausalLM at {', '.join(differ[:20])}"
-        )
+    # the key map against the installed transformers' Llama
+    check_fits(expected, checkpoint.lm_state, f"the LM of {folder} (transformers' LlamaForCausalLM)")
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     state = {k: v.contiguous() for k, v in checkpoint.lm_state.items()}

@@ -88,6 +88,7 @@ class Imported:
     image_processing: ImageProcessing
     image_layout: str  # "plain" | "idefics3"
     typed_parts: bool  # the chat template (the processor's) places typed image/text parts itself
+    part_joiner: str = "\n"  # what joins a message's parts when the template does not place them
 
 
 def hf_config(folder: Path) -> Any:
@@ -371,6 +372,7 @@ class Exportable:
     image_processing: ImageProcessing
     image_layout: str
     typed_parts: bool
+    part_joiner: str
     vision_state: dict[str, torch.Tensor]
     projector_state: dict[str, torch.Tensor]
     lm: nn.Module  # a transformers causal LM
@@ -379,6 +381,16 @@ class Exportable:
 
 def target_family(model: Exportable) -> str:
     """The transformers class a model exports to, or a `ValueError` saying what would be needed."""
+    if (
+        model.image_processing.tiling != "idefics3"
+        or model.image_layout == "nanovlm"
+        or model.part_joiner != "\n"
+    ):
+        raise ValueError(
+            "this model reads images and writes prompts as nanoVLM does (its tiles and their order, its image "
+            "string joined to the text); no transformers processor does that, so the exported folder would see "
+            "other pixels and prompts than the model was trained on: save it in the vlm format"
+        )
     p = model.projector
     if p.pooled_token:
         raise ValueError(

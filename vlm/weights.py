@@ -160,17 +160,21 @@ def check_fits(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], 
         for key in expected.keys() & state.keys()
         if tuple(state[key].shape) != tuple(expected[key])
     )
-    problems = [
-        (title, items)
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+    raise_problems(
+        f"{what} does not fit the model:",
+        [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)],
+    )
+
+
+def raise_problems(header: str, problems: list[tuple[str, list[str]]]) -> None:
+    """One `CheckpointError`: `header`, then a line per kind of problem that has items ("  missing (3): a, b,
+    c"; the first 20 named); nothing when there are none."""
+    lines = [header] + [
+        f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+        for title, items in problems
         if items
     ]
-    if problems:
-        lines = [f"{what} does not fit the model:"]
-        for title, items in problems:
-            lines.append(
-                f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
-            )
+    if len(lines) > 1:
         raise CheckpointError("\n".join(lines))
 
 
