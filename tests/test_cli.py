@@ -290,6 +290,20 @@ def test_vlm_eval_and_merge_on_a_saved_model(saved, tmp_path, capsys) -> None:
     assert main(["merge", str(tmp_path / "merged"), str(tmp_path / "again")]) == 2  # nothing left to merge
 
 
+def test_vlm_eval_suite_prints_the_table_and_writes_its_summary(saved, tmp_path, capsys) -> None:
+    from vlm.skills import SKILLS
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(saved / "m"), "--suite", "skills", "--limit", "1", "--summary", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(SKILLS)  # the header, then a row per skill
+    summary = json.loads(out.read_text())
+    assert [s["skill"] for s in summary["skills"]] == [s.name for s in SKILLS]
+    assert all(s["questions"] == 1 for s in summary["skills"])
+    assert summary["command"] == f"vlm eval {saved / 'm'} --suite skills --limit 1"
+
+
 # -- vlm demo: the command serving the real app ---------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ in bfloat16 where the GPU has it (--dtype auto); on a machine without one, on th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=DTYPE_HELP)
     evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
     evaluate.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
+    evaluate.add_argument(
+        "--suite",
+        choices=["skills"],
+        help="instead of --data: every skill's own test set (easy-VQA, each scene skill, Sort-of-CLEVR, "
+        "captions), --limit questions each (default 200), printed as a markdown table",
+    )
+    evaluate.add_argument(
+        "--summary", help="with --suite: write the table as JSON here (a model card's eval.json)"
+    )
 
     # No --device: merging adds B @ A to each weight once and writes files, so the CPU does it in seconds and
     # in float32, and the merged files are the same wherever they are made.
@@ -375,6 +385,11 @@ def _eval(args: argparse.Namespace) -> int:
     from vlm.evaluate import EVALUATORS
     from vlm.weights import check_output_file
 
+    if args.suite is not None:
+        return _eval_suite(args)
+    if args.summary is not None:
+        print("vlm eval: error: --summary goes with --suite", file=sys.stderr)
+        return 2
     if args.out is not None:
         check_output_file(args.out, "--out")
     columns = dict(item.partition("=")[::2] for item in args.column)
@@ -400,6 +415,42 @@ def _eval(args: argparse.Namespace) -> int:
     run = EVALUATORS[args.task]
     result = run(model, rows, batch_size=args.batch_size, predictions_path=args.out, bf16=args.bf16)
     print(result.report())
+    return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    from vlm.data.common import SourceUnavailable
+    from vlm.data.named import DataError
+    from vlm.skills import evaluate_skills, skill_table, skill_test_sets, skills_summary
+    from vlm.weights import atomic_file, check_output_file
+
+    # The suite names its own test sets: an option that picks data would be silently ignored.
+    picked = [name for name, value, default in (
+        ("--data", args.data, "easy-vqa"), ("--task", args.task, "vqa"), ("--split", args.split, "test"),
+        ("--subset", args.subset, None), ("--column", args.column, []), ("--image-root", args.image_root, None),
+        ("--streaming", args.streaming, False), ("--out", args.out, None),
+    ) if value != default]  # fmt: skip
+    if picked:
+        print(f"vlm eval: error: --suite runs its own test sets; drop {', '.join(picked)}", file=sys.stderr)
+        return 2
+    if args.summary is not None:
+        check_output_file(args.summary, "--summary")
+    limit = args.limit or 200
+    try:  # the test sets are opened before the model loads
+        sets = skill_test_sets(limit)
+    except (DataError, SourceUnavailable) as err:
+        print(f"vlm eval: error: {err}", file=sys.stderr)
+        return 2
+    model = _load_vlm(args)
+    scores = evaluate_skills(model, sets, batch_size=args.batch_size, bf16=args.bf16)
+    print(skill_table(scores))
+    if args.summary is not None:
+        command = " ".join(
+            ["vlm eval", *([args.model] if args.model else []), f"--suite skills --limit {limit}"]
+        )
+        with atomic_file(args.summary) as tmp:
+            tmp.write_text(json.dumps(skills_summary(scores, command), indent=2) + "\n")
+        print(f"wrote {args.summary}")
     return 0
 
 

@@ -1,0 +1,117 @@
+"""The skill table: one held-out evaluation per skill the offline world teaches, in one command.
+
+    vlm eval --suite skills --limit 200            # a markdown table: skill, test questions, score, bar
+    evaluate_skills(model, limit=200)              # -> [SkillScore, ...];  skill_table(scores) -> str
+
+Each skill is its own test set, so every row of the table has `limit` questions however rare the skill is in
+a mixed sample: easy-VQA (the shipped model's first task), each question skill of the generated scenes
+(`vlm.data.scenes.SKILLS`), Sort-of-CLEVR's two question kinds (Santoro et al. 2017), and the scenes'
+captions at two lengths, scored with CIDEr-D (the other rows: exact-match accuracy of greedy answers).
+`bar` is what issue 15 asked the default model to reach; the paper's figures for Sort-of-CLEVR are
+CNN+RN > 94% relational and CNN+MLP 63%.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vlm.data.named import DataSpec, open_data
+from vlm.evaluate import evaluate_captions, evaluate_vqa
+from vlm.model import VisionLanguageModel
+
+
+@dataclass(frozen=True)
+class Skill:
+    """One row of the table: a test set (`data`, `subset`) and how it is scored."""
+
+    name: str
+    data: str
+    subset: str | None = None
+    bar: float | None = None  # the accuracy (or CIDEr-D) asked for; None where none was set
+    caption_prompt: str | None = None  # scored as captions (CIDEr-D) with this prompt; else VQA accuracy
+    max_new_tokens: int = 8
+
+
+SKILLS: tuple[Skill, ...] = (
+    Skill("easy-VQA", "easy-vqa", bar=0.99),
+    Skill("existence", "scenes", "existence", bar=0.98),
+    Skill("count", "scenes", "count", bar=0.90),
+    Skill("color", "scenes", "color", bar=0.98),
+    Skill("shape", "scenes", "shape", bar=0.98),
+    Skill("position", "scenes", "position", bar=0.95),
+    Skill("relation", "scenes", "relation", bar=0.90),
+    Skill("compare", "scenes", "compare"),
+    Skill("reading", "scenes", "reading", bar=0.90),
+    Skill("chart", "scenes", "chart", bar=0.90),
+    Skill("Sort-of-CLEVR non-relational", "sort-of-clevr", "non-relational", bar=0.99),
+    Skill("Sort-of-CLEVR relational", "sort-of-clevr", "relational", bar=0.94),
+    Skill("caption", "scenes", "caption", caption_prompt="Describe the image.", max_new_tokens=40),
+    # A detailed description of 8 objects runs to ~130 tokens.
+    Skill("detail", "scenes", "detail", caption_prompt="Describe the image in detail.", max_new_tokens=160),
+)
+
+
+@dataclass(frozen=True)
+class SkillScore:
+    skill: str
+    questions: int
+    metric: str  # "accuracy" or "cider"
+    score: float
+    bar: float | None
+    seconds: float
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.bar is None else self.score >= self.bar
+
+
+def skill_test_sets(limit: int = 200, skills: tuple[Skill, ...] = SKILLS) -> list[tuple[Skill, list[dict]]]:
+    """Each skill with its first `limit` test questions (easy-VQA: a fixed random sample; the generated sets
+    in seed order, so the same `limit` always gives the same questions). Opening them all first makes a
+    missing source fail before any model loads (`DataError` / `SourceUnavailable`)."""
+    return [
+        (skill, open_data(DataSpec("vqa", skill.data, skill.subset, "test", limit=limit)).eval_rows())
+        for skill in skills
+    ]
+
+
+def evaluate_skills(
+    model: VisionLanguageModel,
+    sets: list[tuple[Skill, list[dict]]] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    bf16: bool = False,
+) -> list[SkillScore]:
+    """The score of `model` on each skill's test set (default: `skill_test_sets()`)."""
+    scores = []
+    for skill, rows in skill_test_sets() if sets is None else sets:
+        start = time.perf_counter()
+        if skill.caption_prompt is None:
+            result = evaluate_vqa(model, rows, batch_size, skill.max_new_tokens, progress, bf16=bf16)
+            metric = "accuracy"
+        else:
+            captions = [{"image": row["image"], "captions": row["answers"]} for row in rows]
+            result = evaluate_captions(
+                model, captions, skill.caption_prompt, batch_size, skill.max_new_tokens, progress, bf16=bf16
+            )
+            metric = "cider"
+        seconds = time.perf_counter() - start
+        scores.append(SkillScore(skill.name, len(rows), metric, result.metrics[metric], skill.bar, seconds))
+    return scores
+
+
+def skill_table(scores: list[SkillScore]) -> str:
+    """A markdown table of `scores`: accuracies in percent, CIDEr-D as itself, and each bar met or not."""
+    lines = ["| skill | test questions | score | bar |", "|---|---|---|---|"]
+    for s in scores:
+        value = f"{100 * s.score:.1f}%" if s.metric == "accuracy" else f"CIDEr-D {s.score:.2f}"
+        bar = "" if s.bar is None else f"{100 * s.bar:.0f}% " + ("(met)" if s.met else "(missed)")
+        lines.append(f"| {s.skill} | {s.questions:,} | {value} | {bar} |")
+    return "\n".join(lines)
+
+
+def skills_summary(scores: list[SkillScore], command: str) -> dict[str, Any]:
+    """`scores` as JSON for a model card (its eval.json), with the command that measured them."""
+    return {"command": command, "skills": [asdict(s) for s in scores]}
