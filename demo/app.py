@@ -64,6 +64,15 @@ class Example:
     def path(self) -> Path:
         return EXAMPLES_DIR / self.file
 
+    @property
+    def group(self) -> str:
+        """The examples' heading on the page."""
+        if self.file.startswith("easyvqa_"):
+            return "Examples: easy-VQA test images"
+        if self.file.startswith("scene_"):
+            return "Examples: generated test scenes, one per skill"
+        return "Examples: photos (not what the model was trained on)"
+
 
 EXAMPLES = (
     Example("easyvqa_0_red_triangle.png", "What shape is in the image?", "triangle"),
@@ -72,6 +81,25 @@ EXAMPLES = (
     Example("easyvqa_7_green_circle.png", "Is there a green shape?", "yes"),
     Example("easyvqa_28_brown_triangle.png", "What color is the triangle?", "brown"),
     Example("easyvqa_38_teal_rectangle.png", "Does the image contain a circle?", "no"),
+    # Generated test scenes (vlm.data.scenes, test images 1-9: never trained on), one per skill; the answer
+    # is the scene's own (tests/test_app.py redraws each and checks it).
+    Example("scene_2_count.png", "How many objects are there?", "4"),
+    Example("scene_1_position.png", "Is the orange triangle on the left or the right?", "left"),
+    Example("scene_3_relation.png", "Is the snail above the pink rectangle?", "no"),
+    Example("scene_6_reading.png", "What does the sign say?", "sale"),
+    Example("scene_4_chart.png", "Which bar is the highest?", "A"),
+    Example("scene_9_existence.png", "Is there a red triangle?", "no"),
+    Example(
+        "scene_7_caption.png",
+        "Describe the image.",
+        "A circle, a square, a cross, a triangle, a hot dog, a drum and a bar chart.",
+    ),
+    Example(
+        "scene_8_detail.png",
+        "Describe the image in detail.",
+        "There are four objects. A medium koala at the top. Small grapes on the left. A medium orange "
+        "rectangle in the center. A medium gray diamond at the bottom right.",
+    ),
     Example("chelsea.jpg", "What animal is this?"),
     Example("astronaut.jpg", "Who is in this picture?"),
     Example("coffee.jpg", "What is in the cup?"),
@@ -217,18 +245,15 @@ def build_app(
                         stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
                         clear = gr.Button("Clear", elem_id="chat-clear")
             with gr.Row():
-                for label, chosen in [
-                    ("Examples: easy-VQA test images", [e for e in examples if e.answer is not None]),
-                    ("Examples: photos", [e for e in examples if e.answer is None]),
-                ]:
+                groups = {e.group: [x for x in examples if x.group == e.group] for e in examples}
+                for label, chosen in groups.items():
                     with gr.Column(min_width=280):
-                        if chosen:
-                            gr.Examples(
-                                [[str(e.path), e.question] for e in chosen],
-                                inputs=[image, question],
-                                label=label,
-                                examples_per_page=len(chosen),
-                            )
+                        gr.Examples(
+                            [[str(e.path), e.question] for e in chosen],
+                            inputs=[image, question],
+                            label=label,
+                            examples_per_page=len(chosen),
+                        )
             chat_inputs = [question, image, chatbot, history, max_new_tokens, temperature, top_p]
             chat_outputs = [chatbot, history, question, image]
             events = [

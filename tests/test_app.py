@@ -615,6 +615,28 @@ def test_twenty_concurrent_clients_each_get_their_own_answer(served, model) -> N
     assert again == model.ask(IMAGE, "And now?", max_new_tokens=8)
 
 
+def test_the_scene_examples_are_test_scenes_with_their_own_answers() -> None:
+    """Each generated example is test scene <i> as the generator draws it (so never trained on), and its
+    question and answer are one the scene itself asks, of the skill its file names."""
+    from needs import missing
+
+    from vlm.data import scenes
+
+    if notes := scenes.picture_pool()[2]:
+        missing(f"the scenes' pictures ({'; '.join(notes)})")
+    shown = [e for e in EXAMPLES if e.file.startswith("scene_")]
+    skills = {Path(e.file).stem.split("_")[2] for e in shown}
+    assert len(shown) >= 8 and skills >= {"count", "position", "relation", "reading", "chart", "caption"}
+    for example in shown:
+        index, skill = Path(example.file).stem.split("_")[1:]
+        scene = scenes.generate(scenes.scene_seed("test", int(index)))
+        drawn = scenes.render(scene).convert("RGB")
+        with Image.open(example.path) as shipped:
+            assert list(shipped.convert("RGB").getdata()) == list(drawn.getdata()), example.file
+        asked = {(p, qa.answer, qa.skill) for qa in scenes.candidates(scene) for p in qa.phrasings}
+        assert (example.question, example.answer, skill) in asked, example
+
+
 def test_the_shipped_model_and_encoder_name_shape_and_colour_through_the_api(default_model) -> None:
     info = describe_model(DEFAULT_MODEL_DIR)
     assert info.trained_on != UNTRAINED
