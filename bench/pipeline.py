@@ -1,10 +1,11 @@
 """Fine-tuning's input pipeline against the model it feeds: can batches be made faster than a GPU eats them?
 
-    .venv/bin/python bench/pipeline.py [--batch 64] [--steps 20] [--workers N]
+    .venv/bin/python bench/pipeline.py [--batch 64] [--steps 20] [--workers N] [--config configs/X.yaml]
     .venv/bin/python bench/pipeline.py --smoke      # a few steps: the same path and table in seconds
 
-The data is the shipped recipe's (configs/easyvqa_offline.yaml: easy-VQA questions, emoji and flag captions,
-weights 1 / 0.5 / 1), tokenised by the default model's tokenizer and processed for its 64 px tower. Rows:
+The data is a fine-tuning recipe's `data.train` and `data.max_length` (default configs/easyvqa_offline.yaml:
+easy-VQA questions, emoji and flag captions, weights 1 / 0.5 / 1), tokenised by the default model's tokenizer
+and processed for its 64 px tower. Rows:
 
 - `prepare` (the reference: what the loop did before `vlm.pipeline`): `model.prepare` of each step's
   conversations in the training process, every time;
@@ -20,8 +21,9 @@ the figure a GPU must be fed at, the 1,500 samples/s target of issue 12 for one 
 compares the pipeline with 10x that, per worker and for the workers a 16-core GPU machine would run
 (`default_workers`: 8).
 
-Packing (several conversations in one row with a block-diagonal mask, as nanoVLM does) pays back the padding
-a batch carries; the padding line says how much that is on this data: the most packing could save.
+Packing (`data.pack`: several conversations in one row with a block-diagonal mask, as nanoVLM does) pays
+back the padding a batch carries; the padding line says how much that is on this data, and the last lines
+time the model step on the same rows padded and packed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,10 +61,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def sources(limit: int | None):
-    specs = [DataSpec("vqa", "easy-vqa", limit=limit), DataSpec("caption", "emoji", limit=limit),
-             DataSpec("caption", "flags", limit=limit)]  # fmt: skip
-    return [open_data(spec) for spec in specs], [1.0, 0.5, 1.0]
+RECIPE = ROOT / "configs" / "easyvqa_offline.yaml"
+
+
+def sources(config: Path, limit: int | None) -> tuple[list, list[float], int]:
+    """The recipe's training sources (each capped at `limit` rows), their weights and `data.max_length`."""
+    data = yaml.safe_load(config.read_text())["data"]
+    specs, weights = [], []
+    for entry in data["train"]:
+        entry = dict(entry)
+        weights.append(float(entry.pop("weight", 1.0)))
+        kind, name = entry.pop("kind"), entry.pop("name")
+        caps = [n for n in (entry.pop("limit", None), limit) if n]
+        specs.append(DataSpec(kind, name, limit=min(caps) if caps else None, **entry))
+    return [open_data(spec) for spec in specs], weights, int(data.get("max_length", 512))
 
 
 def rate(run, steps: int, batch: int) -> float:
@@ -76,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--smoke", action="store_true", help="a few steps of a small sample: seconds")
+    parser.add_argument(
+        "--config", type=Path, default=RECIPE, help="the fine-tuning recipe whose data is read"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.batch, args.steps, args.workers = 4, 2, 1
@@ -83,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model = load_default_model()
-    data, weights = sources(32 if args.smoke else None)
+    data, weights, max_length = sources(args.config, 32 if args.smoke else None)
     stream = Stream([len(s) for s in data], weights, seed=0)
     preparer = model.preparer
 
-    def builder() -> StepBatches:
-        return StepBatches(data, stream, preparer, batch_size=args.batch, max_length=128)
+    def builder(pack: bool = False) -> StepBatches:
+        return StepBatches(data, stream, preparer, batch_size=args.batch, max_length=max_length, pack=pack)
 
     def conversations(step: int, b: StepBatches) -> list:
         return [b.conversation(step, key) for key in stream.step_rows(step, args.batch)[0]]
 
     steps = range(args.steps)
     ref = builder()
-    rows = {"prepare (reference)": rate(lambda: [model.prepare(conversations(s, ref), max_length=128) for s in steps],
+    rows = {"prepare (reference)": rate(lambda: [model.prepare(conversations(s, ref), max_length=max_length) for s in steps],
                                         args.steps, args.batch)}  # fmt: skip
     warm = builder()
     rows["pipeline, cold"] = rate(lambda: [warm[s] for s in steps], args.steps, args.batch)
@@ -113,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             real += int(b.attention_mask.sum())
             padded += b.attention_mask.numel()
 
+    packed = builder(pack=True)
+    packed_rows = sum(len(b.input_ids) for s in steps for b in packed[s].batches)
+    padded_rows = sum(len(b.input_ids) for s in steps for b in warm[s].batches)
+
     # what the model consumes: one training step of the default model at this batch, on this CPU
-    batch = warm[0].batches[0]
     model.freeze(("vision", "lm"))  # the projector trains (and LoRA, which the loaded adapter brings along)
     for name, p in model.named_parameters():
         p.requires_grad |= "lora_" in name
@@ -123,21 +142,25 @@ def main(argv: list[str] | None = None) -> int:
 
     bf16 = native_bf16("cpu")  # as train/finetune.py: bf16 autocast only where the CPU has bf16 units
 
-    def step() -> None:
+    def step(batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum",
                         image_index=batch.image_index, learned_index=batch.learned_index,
-                        learned_targets=batch.learned_targets)  # fmt: skip
+                        learned_targets=batch.learned_targets, position_ids=batch.position_ids)  # fmt: skip
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
-    step()  # warm-up
     n = 1 if args.smoke else 3
-    consumed = rate(lambda: [step() for _ in range(n)], n, args.batch)
+    timed = {}
+    for name, b in (("padded", warm), ("packed", packed)):
+        batches = [b[s].batches[0] for s in range(n)]  # the same rows both ways
+        step(batches[0])  # warm-up
+        timed[name] = rate(lambda batches=batches: [step(x) for x in batches], n, args.batch)
+    consumed = timed["padded"]
 
-    print(f"input pipeline, batch {args.batch}, {args.steps} steps; {cpu_name()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(f"input pipeline, {args.config.name}'s data, batch {args.batch}, {args.steps} steps; {cpu_name()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}")  # fmt: skip
     reference = rows["prepare (reference)"]
     print(f"{'':<34}{'samples/s':>11}{'vs prepare':>12}")
     for name, value in rows.items():
@@ -146,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"padding: {real / padded:.1%} of the batches' positions are real tokens, so packing could save at most "
         f"{1 - real / padded:.1%} of the LM's work on this data"
+    )
+    print(
+        f"packed into rows of {max_length} tokens: {packed_rows} rows instead of {padded_rows}; the model step "
+        f"{timed['padded']:,.1f} samples/s padded, {timed['packed']:,.1f} packed: "
+        f"{timed['packed'] / timed['padded']:.2f}x"
     )
     per_worker = rows["pipeline, warm"]
     print(

@@ -156,3 +156,6 @@ def test_pipeline_smoke_prints_its_table_and_verdict(capsys) -> None:
     assert lines_matching(out, r"^model step \(this CPU, consumes\) +[\d,.]+$")
     assert lines_matching(out, r"one worker / GPU target \(1,500/s\): [\d.]+x; 8 workers: [\d.]+x")
     assert lines_matching(out, r"^padding: [\d.]+% of the batches' positions are real tokens")
+    assert lines_matching(
+        out, r"^packed into rows of 128 tokens: \d+ rows instead of \d+; .* packed: [\d.]+x$"
+    )

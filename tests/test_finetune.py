@@ -283,6 +283,23 @@ def test_accumulation_vision_lr_group_and_checkpointing_take_the_same_step(
     assert recomputed == 2 * forwards  # checkpointing really recomputed the layer in the backward pass
 
 
+def test_packed_rows_take_the_same_step(tmp_path, tiny_lm_folder, tower) -> None:
+    """`data.pack`: the step's conversations packed into rows of max_length tokens take the step the padded
+    batch takes (tests/test_pipeline.py checks the mask that keeps them apart)."""
+    settings = dict(steps=1, batch_size=4, grad_accum=1, optimizer="sgd", bf16=False, lr=5e-2, lr_projector=5e-2,
+                    lr_vision=1e-2)  # fmt: skip
+    cfg = shipped(tmp_path / "padded", tiny_lm_folder, tower, **settings)
+    before, padded, _, _ = one_step(cfg)
+    packed_cfg = shipped(tmp_path / "packed", tiny_lm_folder, tower, **settings)
+    run = ft.setup(replace(packed_cfg, data=replace(packed_cfg.data, pack=True)), resume=False)
+    rows = run.batches[0].batches[0]
+    assert rows.position_ids is not None and len(rows.input_ids) < 4  # several conversations to a row
+    _, packed, _, _ = one_step(replace(packed_cfg, data=replace(packed_cfg.data, pack=True)))
+    assert any(not torch.equal(padded[k], before[k]) for k in padded)
+    for key in padded:
+        torch.testing.assert_close(packed[key], padded[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
 def test_train_vision_lora_adapts_only_the_towers_q_and_v_and_reloads(
     tmp_path, tiny_lm_folder, tower
 ) -> None:

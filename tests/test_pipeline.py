@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vlm.data.named import DataSpec, open_data
-from vlm.model import Batch, VisionLanguageModel
+from vlm.model import Batch, VisionLanguageModel, pack_rows
 from vlm.pipeline import StepBatches, default_workers, step_loader
 from vlm.training import Stream
 
@@ -44,10 +44,10 @@ def sources(tmp_path_factory) -> list:
     ]
 
 
-def builder(model: VisionLanguageModel, sources: list, **options) -> StepBatches:
+def builder(model: VisionLanguageModel, sources: list, max_length: int = 512, **options) -> StepBatches:
     stream = Stream([len(s) for s in sources], [2.0, 1.0], seed=3)
     return StepBatches(
-        sources, stream, model.preparer, batch_size=3, grad_accum=2, max_length=512, seed=3, **options
+        sources, stream, model.preparer, batch_size=3, grad_accum=2, max_length=max_length, seed=3, **options
     )
 
 
@@ -108,6 +108,55 @@ def test_the_forward_pass_with_cpu_positions_equals_the_one_that_finds_them(mode
     )
     with pytest.raises(ValueError, match="48 image tokens, but 16 image embeddings"):
         model.embed(batch.input_ids, batch.pixel_values[:1], image_index=batch.image_index)
+
+
+def test_next_fit_packing_keeps_the_order() -> None:
+    assert pack_rows([5, 3, 4, 2, 6, 1], 8) == [[0, 1], [2, 3], [4, 5]]
+    assert pack_rows([8, 8], 8) == [[0], [1]]
+    with pytest.raises(ValueError, match="9 tokens does not fit a packed row of 8"):
+        pack_rows([3, 9], 8)
+
+
+def test_packed_rows_learn_what_padded_rows_learn(model, sources) -> None:
+    """Each step's conversations packed into rows (several to a row, a block-diagonal mask) give the padded
+    batch's learned tokens, loss and gradients: no conversation sees another, and fewer positions are run."""
+    lengths = [int(n) for item in (builder(model, sources)[s] for s in range(4)) for b in item.batches
+               for n in b.attention_mask.sum(1)]  # fmt: skip
+    width = max(lengths) + min(lengths)  # the shortest conversation fits beside the longest
+    padded, packed = builder(model, sources, max_length=width), builder(model, sources, width, pack=True)
+    shared = 0
+    for step in range(4):
+        for a, b in zip(padded[step].batches, packed[step].batches, strict=True):
+            assert a.position_ids is None and b.position_ids is not None
+            assert torch.equal(a.learned_targets, b.learned_targets) and torch.equal(
+                a.pixel_values, b.pixel_values
+            )
+            if len(b.input_ids) < len(a.input_ids):  # a row holds several: without the restarts they would
+                shared += 1  # see each other (one causal mask over the row), and the loss would move
+                leaky = model(b.input_ids, b.attention_mask, b.pixel_values, b.labels, reduction="sum")
+                assert not torch.allclose(leaky.loss, model(a.input_ids, a.attention_mask, a.pixel_values,
+                                                            a.labels, reduction="sum").loss, rtol=1e-4)  # fmt: skip
+            losses, grads = [], []
+            for batch in (a, b):
+                model.zero_grad()
+                out = model(
+                    batch.input_ids, batch.attention_mask, batch.pixel_values, batch.labels, reduction="sum",
+                    image_index=batch.image_index, learned_index=batch.learned_index,
+                    learned_targets=batch.learned_targets, position_ids=batch.position_ids,
+                )  # fmt: skip
+                out.loss.backward()
+                losses.append(out.loss.detach())
+                grads.append(torch.cat([p.grad.flatten() for p in model.projector.parameters()]))
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+            scale = float(
+                grads[0].abs().max()
+            )  # float32 sums in another order: equal to ~1e-6 of the largest
+            assert scale > 0
+            torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * scale)
+    model.zero_grad()
+    assert shared, "some row held more than one conversation"
+    with pytest.raises(ValueError, match="give max_length"):
+        builder(model, sources, max_length=None, pack=True)
 
 
 @pytest.mark.gpu  # pinning needs a CUDA driver

@@ -212,6 +212,9 @@ class Batch:
     image_index: torch.Tensor | None = None  # (num_tiles * tokens_per_image,) into the flat (B * L)
     learned_index: torch.Tensor | None = None  # (n_learned,) into the flat (B * (L - 1)): t predicts t + 1
     learned_targets: torch.Tensor | None = None  # (n_learned,) the tokens learned there
+    # Packed training rows only (`Preparer.collate(..., pack=L)`): each token's position in its own
+    # conversation, restarting at 0 where the next conversation (or the padding at the row's end) begins.
+    position_ids: torch.Tensor | None = None  # (B, L)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -243,6 +246,24 @@ def learned_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     targets = labels[:, 1:].reshape(-1)
     index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     return index, targets[index]
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Conversations of these token `lengths`, in their order, into as few rows of `width` tokens as next-fit
+    gives: a row takes conversations until the next does not fit. Keeping the order keeps the images in
+    placeholder order, so the batch's pixels need no reordering; a conversation longer than `width` is
+    refused (`data.max_length` drops those before they get here)."""
+    if too_long := [n for n in lengths if n > width]:
+        raise ValueError(f"a conversation of {too_long[0]} tokens does not fit a packed row of {width}")
+    rows: list[list[int]] = []
+    used = width
+    for i, n in enumerate(lengths):
+        if used + n > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
 
 
 @dataclass
@@ -284,10 +305,17 @@ class Preparer:
         return self.collate(encoded, pixel_values, for_generation)
 
     def collate(
-        self, encoded: Sequence[Encoded], pixel_values: torch.Tensor | None, for_generation: bool = False
+        self,
+        encoded: Sequence[Encoded],
+        pixel_values: torch.Tensor | None,
+        for_generation: bool = False,
+        pack: int | None = None,
     ) -> Batch:
         """Encoded conversations and their images' pixels -> a padded `Batch` (left-padded for generation;
-        right-padded with labels and the learned and image positions for training)."""
+        right-padded with labels and the learned and image positions for training). With `pack`, training
+        conversations are packed into rows of `pack` tokens (see `pack_rows`)."""
+        if pack is not None and not for_generation:
+            return self._packed(encoded, pixel_values, pack)
         side = "left" if for_generation else "right"
         input_ids = pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id, side)
         attention_mask = pad([[1] * len(e.input_ids) for e in encoded], 0, side)
@@ -296,6 +324,30 @@ class Preparer:
         labels = pad([e.labels for e in encoded], IGNORE_INDEX, side)
         image_index = image_positions(input_ids, self.image_token_id)
         return Batch(input_ids, attention_mask, pixel_values, labels, image_index, *learned_positions(labels))
+
+    def _packed(self, encoded: Sequence[Encoded], pixel_values: torch.Tensor | None, pack: int) -> Batch:
+        lengths = [len(e.input_ids) for e in encoded]
+        rows = pack_rows(lengths, pack)
+        width = max(sum(lengths[i] for i in row) for row in rows)  # the fullest row: no wider than needed
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        # The padding after a row's last conversation restarts at 0 as well: to the LM's packed-sequence mask
+        # it is one more sequence, attending only to itself, and nothing is learned there.
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, members in enumerate(rows):
+            at = 0
+            for i in members:
+                n = len(encoded[i].input_ids)
+                input_ids[r, at : at + n] = torch.tensor(encoded[i].input_ids)
+                labels[r, at : at + n] = torch.tensor(encoded[i].labels)
+                position_ids[r, at : at + n] = torch.arange(n)
+                at += n
+            position_ids[r, at:] = torch.arange(width - at)
+        image_index = image_positions(input_ids, self.image_token_id)
+        return Batch(
+            input_ids, torch.ones_like(input_ids), pixel_values, labels, image_index, *learned_positions(labels),
+            position_ids=position_ids,
+        )  # fmt: skip
 
     def with_system_prompt(self, conversation: Sequence[Message]) -> list[Message]:
         if self.system_prompt is None or (conversation and conversation[0].get("role") == "system"):
@@ -445,6 +497,7 @@ class VisionLanguageModel(nn.Module):
         image_index: torch.Tensor | None = None,
         learned_index: torch.Tensor | None = None,
         learned_targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Without labels: logits (B, L, V). With labels: the cross-entropy of each learned token given the
         ones before it (`reduction` "mean" or "sum"), and logits only at those positions (n_learned, V).
@@ -452,14 +505,19 @@ class VisionLanguageModel(nn.Module):
         Computing the LM head only where something is learned skips most of its work: SmolLM2's tied head is
         a fifth of the model, and in a VQA batch a few answer tokens are learned out of ~50. A training
         `Batch` brings those positions (`learned_index`, `learned_targets`) and the image placeholders'
-        (`image_index`), found on the CPU: the step then never waits on the accelerator for a count."""
+        (`image_index`), found on the CPU: the step then never waits on the accelerator for a count.
+
+        Packed rows (`position_ids` given, `Batch.position_ids`) go to the LM without an attention mask:
+        transformers then reads the restarts in `position_ids` as sequence boundaries and masks attention
+        block-diagonally, so each conversation sees only itself, as it would alone in a padded row."""
         embeds = self.embed(input_ids, pixel_values, image_index=image_index)
+        lm_inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        if position_ids is not None:
+            lm_inputs.update(attention_mask=None, position_ids=position_ids)
         if labels is None and learned_index is None:
-            return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            return self.lm(**lm_inputs)
         decoder = getattr(self.lm, self.lm.base_model_prefix)  # the LM without its head (`model` for Llama)
-        hidden = decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+        hidden = decoder(**lm_inputs).last_hidden_state
         if learned_index is None:  # found here: on an accelerator, a host-device sync
             learned_index, learned_targets = learned_positions(labels)
         picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, learned_index)

@@ -73,7 +73,8 @@ class StepItem:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Step -> `StepItem` (see the module docstring). `cache_bytes` bounds the pixel cache of each builder."""
+    """Step -> `StepItem` (see the module docstring). `cache_bytes` bounds the pixel cache of each builder;
+    `pack` packs each micro-batch's conversations into rows of `max_length` tokens (`Preparer.collate`)."""
 
     def __init__(
         self,
@@ -88,7 +89,11 @@ class StepBatches(torch.utils.data.Dataset):
         max_length: int | None = None,
         seed: int = 0,
         cache_bytes: int = 1 << 30,
+        pack: bool = False,
     ) -> None:
+        if pack and max_length is None:
+            raise ValueError("packing fills rows of max_length tokens: give max_length")
+        self.pack = max_length if pack else None
         self.sources, self.stream, self.preparer = list(sources), stream, preparer
         self.batch_size, self.grad_accum, self.world, self.rank = batch_size, grad_accum, world, rank
         self.max_length, self.seed = max_length, seed
@@ -158,7 +163,7 @@ class StepBatches(torch.utils.data.Dataset):
         encoded = [self.encoded(c) for c in conversations]
         images = [image for e in encoded for image in e.images]
         pixel_values = torch.cat([self.pixels(image).pixels for image in images]) if images else None
-        return self.preparer.collate(encoded, pixel_values)
+        return self.preparer.collate(encoded, pixel_values, pack=self.pack)
 
     def encoded(self, conversation: Sequence[Message]) -> Encoded:
         """`encode` of a conversation with labels, by its text and its images' tile grids: the images are the
