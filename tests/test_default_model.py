@@ -105,3 +105,40 @@ def test_the_readme_states_the_figures_of_eval_json() -> None:
 
 def test_it_still_chats_about_text(model) -> None:
     assert "Paris" in model.ask(None, "What is the capital of France?", max_new_tokens=20)
+
+
+# -- the skills of the generated scenes and Sort-of-CLEVR (issue 15) ------------------------------------------
+
+SKILL_SAMPLE = 20  # the first questions of each skill's test set
+
+
+def card_skills() -> list:
+    from vlm.skills import SkillScore
+
+    return [SkillScore(**s) for s in json.loads(CARD.read_text())["skills"]["skills"]]
+
+
+def test_the_readme_shows_the_skill_table_of_eval_json() -> None:
+    from vlm.skills import SKILLS, skill_table
+
+    scores = card_skills()
+    assert [s.skill for s in scores] == [s.name for s in SKILLS], (
+        "eval.json measures every skill of the suite"
+    )
+    assert skill_table(scores) in (DEFAULT_MODEL_DIR / "README.md").read_text()
+
+
+def test_the_question_skills_hold_what_the_card_states(model) -> None:
+    """All question skills pooled (easy-VQA has its own guard above): SKILL_SAMPLE questions of each, against
+    the card's mean accuracy over them less the binomial margin (the pooled misses are a sum of per-skill
+    binomials, whose variance is at most that of one binomial at the mean: the floor is conservative)."""
+    from vlm.skills import SKILLS, evaluate_skills, skill_test_sets
+
+    card = {s.skill: s for s in card_skills()}
+    asked = tuple(s for s in SKILLS if s.caption_prompt is None and s.data != "easy-vqa")
+    scores = evaluate_skills(model, skill_test_sets(SKILL_SAMPLE, asked), batch_size=100, progress=False)
+    expected = sum(card[s.name].score for s in asked) / len(asked)
+    n = SKILL_SAMPLE * len(asked)
+    got = sum(s.score * s.questions for s in scores) / n
+    table = {s.skill: (round(s.score, 2), round(card[s.skill].score, 2)) for s in scores}
+    assert got >= floor(n, expected), (got, expected, table)
