@@ -37,14 +37,24 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from demo.handlers import DISPLAY_SIZE, MAX_IMAGE_PIXELS, MAX_NEW_TOKENS, DualEncoder, Handlers, Settings
+from demo.handlers import (
+    DISPLAY_SIZE,
+    MAX_IMAGE_PIXELS,
+    MAX_NEW_TOKENS,
+    RECENT_UPLOADS,
+    DualEncoder,
+    Handlers,
+    Settings,
+)
 from vlm.devices import DTYPES, resolve_device, resolve_dtype
 from vlm.model import DEFAULT_MODEL_DIR, VisionLanguageModel, load_default_model
 from vlm.zeroshot import DEFAULT_SIGLIP_DIR, DEFAULT_TEMPLATES, load_dual_encoder
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_FILE_SIZE = "20mb"  # Gradio refuses bigger uploads before they reach us
-QUEUE_SIZE = 64  # waiting events beyond this are refused with "queue full" instead of piling up
+# Waiting events beyond this are refused with "queue full" instead of piling up; the handlers remember as many
+# recent uploads (two users sending the same file share it, and the first reader deletes it).
+QUEUE_SIZE = RECENT_UPLOADS
 DELETE_CACHE = (3600, 86400)  # every hour, Gradio deletes the app's files older than a day
 UNTRAINED = "untrained vision tower: ask text questions"
 

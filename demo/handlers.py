@@ -44,7 +44,9 @@ SHOWN_SIDE = 512  # the chat shows a copy at most this large
 MAX_NEW_TOKENS = 1024  # the settings slider's top
 DISPLAY_SIZE = 384  # side of the encoder tab's square pictures, px
 MAX_BATCH_SIZE = 32  # answers decoded together; the generation events' concurrency limit
-RECENT_UPLOADS = 16  # uploads remembered after their file is gone (see `Uploads`)
+# Uploads remembered after their file is gone (see `Uploads`): as many as the app's queue admits at once, so
+# that no burst it lets in can push out an upload another request has yet to read (up to 64 x 3 MB).
+RECENT_UPLOADS = 64
 
 # What an image input brings: a path, or Gradio's upload record ({"path": ...}) from an event that skips
 # Gradio's preprocessing (which would open the file with PIL before us and fail without our message).

@@ -319,6 +319,24 @@ def test_uploads_are_deleted_once_read(demo, model, uploads) -> None:
     assert first.size == second.size == (64, 64) and not Path(uploaded).exists()
 
 
+def test_a_shared_upload_is_remembered_through_a_full_queue_of_others(tmp_path) -> None:
+    """Two users sending the same file share Gradio's path and the first reader deletes it: the second still
+    gets the image after as many other uploads as the queue admits have been read in between."""
+    from demo.app import QUEUE_SIZE
+    from demo.handlers import Uploads
+
+    uploads = Uploads(tmp_path)
+    shared = tmp_path / "shared.png"
+    Image.new("RGB", (8, 8), (200, 20, 20)).save(shared)
+    first = uploads.open(str(shared))
+    assert not shared.exists()
+    for i in range(QUEUE_SIZE - 1):  # everyone else in the queue sends another picture
+        other = tmp_path / f"other{i}.png"
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(other)
+        uploads.open(str(other))
+    assert list(uploads.open(str(shared)).getdata()) == list(first.getdata())
+
+
 def test_api_handlers_raise_the_friendly_message(demo) -> None:
     with pytest.raises(gr.Error, match="ask a question"):
         demo.ask(IMAGE, "  ")
