@@ -213,7 +213,8 @@ class Batch:
     learned_index: torch.Tensor | None = None  # (n_learned,) into the flat (B * (L - 1)): t predicts t + 1
     learned_targets: torch.Tensor | None = None  # (n_learned,) the tokens learned there
     # Packed training rows only (`Preparer.collate(..., pack=L)`): each token's position in its own
-    # conversation, restarting at 0 where the next conversation (or the padding at the row's end) begins.
+    # conversation, restarting at 0 where the next conversation (or the padding at the row's end) begins; the
+    # restarts, not `attention_mask` (all ones then), keep the conversations apart.
     position_ids: torch.Tensor | None = None  # (B, L)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:

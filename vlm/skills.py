@@ -1,7 +1,7 @@
 """The skill table: one held-out evaluation per skill the offline world teaches, in one command.
 
     vlm eval --suite skills --limit 200            # a markdown table: skill, test questions, score, bar
-    evaluate_skills(model, limit=200)              # -> [SkillScore, ...];  skill_table(scores) -> str
+    evaluate_skills(model, skill_test_sets(200))   # -> [SkillScore, ...];  skill_table(scores) -> str
 
 Each skill is its own test set, so every row of the table has `limit` questions however rare the skill is in
 a mixed sample: easy-VQA (the shipped model's first task), each question skill of the generated scenes
