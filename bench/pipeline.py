@@ -29,20 +29,22 @@ time the model step on the same rows padded and packed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vlm.data import DataSpec, open_data  # noqa: E402
+from vlm.config import load_config  # noqa: E402
+from vlm.data import open_data  # noqa: E402
 from vlm.devices import native_bf16  # noqa: E402
 from vlm.pipeline import StepBatches, step_loader  # noqa: E402
 from vlm.training import Stream  # noqa: E402
@@ -65,16 +67,18 @@ RECIPE = ROOT / "configs" / "easyvqa_offline.yaml"
 
 
 def sources(config: Path, limit: int | None) -> tuple[list, list[float], int]:
-    """The recipe's training sources (each capped at `limit` rows), their weights and `data.max_length`."""
-    data = yaml.safe_load(config.read_text())["data"]
-    specs, weights = [], []
-    for entry in data["train"]:
-        entry = dict(entry)
-        weights.append(float(entry.pop("weight", 1.0)))
-        kind, name = entry.pop("kind"), entry.pop("name")
-        caps = [n for n in (entry.pop("limit", None), limit) if n]
-        specs.append(DataSpec(kind, name, limit=min(caps) if caps else None, **entry))
-    return [open_data(spec) for spec in specs], weights, int(data.get("max_length", 512))
+    """The recipe's training sources as train/finetune.py reads them (each capped at `limit` rows), their
+    weights and `data.max_length`."""
+    name = "bench_pipeline_finetune"  # not "finetune": the tests load the script under that name themselves
+    spec = importlib.util.spec_from_file_location(name, ROOT / "train" / "finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    sys.modules[name] = finetune  # its config dataclasses need their module registered
+    spec.loader.exec_module(finetune)
+    data = load_config(finetune.FinetuneConfig, config).data
+    specs = [s.spec() for s in data.train]
+    if limit is not None:
+        specs = [replace(s, limit=min(s.limit or limit, limit)) for s in specs]
+    return [open_data(s) for s in specs], [s.weight for s in data.train], data.max_length
 
 
 def rate(run, steps: int, batch: int) -> float:

@@ -239,7 +239,11 @@ def test_two_processes_equal_one_over_the_same_global_batch(recipe, tmp_path, ti
 def one_step(cfg: ft.FinetuneConfig) -> tuple[dict, dict, list[int], int]:
     """One optimizer step of the script's loop (`setup`, then `fit`): the weights before and after, the learned
     tokens in each micro-batch, and how often the MLP of the LM's first decoder layer ran forward."""
-    run = ft.setup(cfg, resume=False)
+    return fit_one_step(ft.setup(cfg, resume=False))
+
+
+def fit_one_step(run) -> tuple[dict, dict, list[int], int]:
+    """`one_step` of a run already set up."""
     before = {k: v.detach().clone() for k, v in run.core.state_dict().items()}
     tokens = [int((b.labels[:, 1:] != -100).sum()) for b in run.batches[run.step].batches]
     mlp = next(m for n, m in run.core.lm.named_modules() if n.endswith("layers.0.mlp"))
@@ -294,7 +298,7 @@ def test_packed_rows_take_the_same_step(tmp_path, tiny_lm_folder, tower) -> None
     run = ft.setup(replace(packed_cfg, data=replace(packed_cfg.data, pack=True)), resume=False)
     rows = run.batches[0].batches[0]
     assert rows.position_ids is not None and len(rows.input_ids) < 4  # several conversations to a row
-    _, packed, _, _ = one_step(replace(packed_cfg, data=replace(packed_cfg.data, pack=True)))
+    _, packed, _, _ = fit_one_step(run)
     assert any(not torch.equal(padded[k], before[k]) for k in padded)
     for key in padded:
         torch.testing.assert_close(packed[key], padded[key], atol=1e-6, rtol=1e-5, msg=key)
