@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -494,11 +495,56 @@ def test_open_data_refuses_what_generated_data_cannot_be() -> None:
         open_data(DataSpec("caption", "scenes", limit=5, subset="count"))
 
 
-def test_rows_are_cached_by_fingerprint() -> None:
+def _count_draws(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The seeds of the scenes `scenes.render` draws from now on (and no drawn image kept from before)."""
+    draws: list[int] = []
+    render = scenes.render
+    monkeypatch.setattr(scenes, "render", lambda scene: draws.append(scene.seed) or render(scene))
+    scenes._png.cache_clear()
+    return draws
+
+
+def _drawn(seed: int) -> bytes:
+    return common.png_bytes(scenes.render(scenes.generate(seed)))
+
+
+def test_rows_are_cached_by_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
     first = scenes.load_rows("vqa", "train", limit=20)
+    draws = _count_draws(monkeypatch)
     again = scenes.load_rows("vqa", "train", limit=20)
     assert first["question"] == again["question"]
-    # An image is drawn when its row is read: the cache holds text alone.
+    # The questions' text and the scenes' images (once per scene) are both cached: nothing is drawn again.
     assert first[0]["image"]["bytes"] == again[0]["image"]["bytes"]
-    assert first[0]["image"]["bytes"] == common.png_bytes(scenes.render(scenes.generate(first[0]["seed"])))
+    assert draws == []
+    assert first[0]["image"]["bytes"] == _drawn(first[0]["seed"])
     assert list(common.cache_root().glob("scenes-vqa-*.arrow"))
+    assert list(common.cache_root().glob("scenes-images-*.arrow"))
+
+
+def test_vqa_images_are_stored_once_per_scene_and_read_without_drawing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = scenes.load_rows("vqa", "train", limit=35)  # 4 scenes, the last with 5 of its 10 questions
+    draws = _count_draws(monkeypatch)
+    picked = [34, 0, 21, 9, 10, 0]
+    seeds = [rows[i]["seed"] for i in picked]
+    one_by_one = [rows[i]["image"]["bytes"] for i in picked]
+    batched = [cell["bytes"] for cell in rows[picked]["image"]]
+    unpickled = pickle.loads(pickle.dumps(rows))  # as a DataLoader worker may get it
+    assert [unpickled[i]["image"]["bytes"] for i in picked] == one_by_one
+    assert draws == []  # every scene is in the images table: looked up, not drawn
+    assert seeds == [3, 0, 2, 0, 1, 0]
+    assert one_by_one == batched == [_drawn(seed) for seed in seeds]
+
+    # A seed the table lacks is drawn instead.
+    table = scenes._images("train", 2, scenes.SIZE, cache=False)
+    assert table["seed"] == [0, 1] and table["png"] == [_drawn(0), _drawn(1)]
+    draws.clear()
+    batch = scenes._look_up_images({"seed": [1, 7]}, images=table, first_seed=0, size=scenes.SIZE)
+    assert draws == [7] and [cell["bytes"] for cell in batch["image"]] == [_drawn(1), _drawn(7)]
+
+    # Without the cache, the images table is kept in memory: no file is written.
+    written = set(common.cache_root().rglob("*"))
+    uncached = scenes.load_rows("vqa", "test", limit=12, cache=False)
+    assert uncached[11]["image"]["bytes"] == _drawn(scenes.TEST_SEED + 1)
+    assert set(common.cache_root().rglob("*")) == written
