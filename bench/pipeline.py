@@ -13,7 +13,10 @@ and processed for its 64 px tower. Rows:
 - `pipeline, warm`: the same builder later on, its token and pixel caches filled (an epoch of the recipe is
   ~5,900 rows: from the second epoch on, every step is warm);
 - `pipeline, N workers, cold`: a `DataLoader` with N worker processes building first-epoch steps in parallel
-  (they share this machine's cores with the training process: run where there are cores to spare).
+  (they share this machine's cores with the training process: run where there are cores to spare);
+- `prepared ahead`: `vlm.pipeline.prepare_ahead` builds the recipe's token and pixel files (in a temporary
+  folder, so it is a real build; its time and size are printed), then a fresh builder reads them: the first
+  epoch of every later run, in this process and with N workers.
 
 Then what the model consumes: one training step of the default model at the same batch on this machine's
 CPU (forward, backward, AdamW; bf16 autocast as the recipe where the CPU has bf16 units, else float32), and
@@ -33,6 +36,7 @@ import importlib.util
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +50,7 @@ if str(ROOT) not in sys.path:
 from vlm.config import load_config  # noqa: E402
 from vlm.data import open_data  # noqa: E402
 from vlm.devices import native_bf16  # noqa: E402
-from vlm.pipeline import StepBatches, step_loader  # noqa: E402
+from vlm.pipeline import StepBatches, prepare_ahead, step_loader  # noqa: E402
 from vlm.training import Stream  # noqa: E402
 
 GPU_TARGET = 1500  # samples/s: issue 12's target for the shipped recipe on one H200
@@ -107,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     stream = Stream([len(s) for s in data], weights, seed=0)
     preparer = model.preparer
 
-    def builder(pack: bool = False) -> StepBatches:
-        return StepBatches(data, stream, preparer, batch_size=args.batch, max_length=max_length, pack=pack)
+    def builder(pack: bool = False, prepared=None) -> StepBatches:
+        return StepBatches(
+            data, stream, preparer, batch_size=args.batch, max_length=max_length, pack=pack, prepared=prepared
+        )
 
     def conversations(step: int, b: StepBatches) -> list:
         return [b.conversation(step, key) for key in stream.step_rows(step, args.batch)[0]]
@@ -124,6 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     rows[f"pipeline, {args.workers} workers, cold"] = rate(
         lambda: list(step_loader(fresh, 0, args.steps, args.workers)), args.steps, args.batch
     )
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        prepare_ahead(data, preparer, max_length, folder=Path(folder), log=lambda _: None)
+        built_in = time.perf_counter() - start
+        stored = sum(f.stat().st_size for f in Path(folder).iterdir())
+        start = time.perf_counter()
+        prepared = prepare_ahead(data, preparer, max_length, folder=Path(folder), log=lambda _: None)
+        opened_in = time.perf_counter() - start
+        read = builder(prepared=prepared)
+        rows["pipeline, prepared ahead"] = rate(lambda: [read[s] for s in steps], args.steps, args.batch)
+        read = builder(prepared=prepared)
+        rows[f"pipeline, {args.workers} workers, prepared ahead"] = rate(
+            lambda: list(step_loader(read, 0, args.steps, args.workers)), args.steps, args.batch
+        )
 
     # padding: the share of a padded batch's positions that hold real tokens, i.e. the most that packing
     # conversations into full rows (nanoVLM's knapsack packing, a block-diagonal mask) could save
@@ -171,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<34}{value:>11,.0f}{value / reference:>11.2f}x")
     print(f"{'model step (this CPU, consumes)':<34}{consumed:>11,.1f}")
     print(
+        f"prepared ahead: built in {built_in:,.1f} s ({stored / 2**20:,.0f} MiB, "
+        f"{len(prepared.token_index):,} conversations, {len(prepared.pixel_index):,} images); "
+        f"a later run opens it in {opened_in:,.2f} s"
+    )
+    print(
         f"padding: {real / padded:.1%} of the batches' positions are real tokens, so packing could save at most "
         f"{1 - real / padded:.1%} of the LM's work on this data"
     )
@@ -179,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{timed['padded']:,.1f} samples/s padded, {timed['packed']:,.1f} packed: "
         f"{timed['packed'] / timed['padded']:.2f}x"
     )
-    per_worker = rows["pipeline, warm"]
-    print(
-        f"pipeline warm / model step here: {per_worker / consumed:,.0f}x; one worker / GPU target "
-        f"({GPU_TARGET:,}/s): {per_worker / GPU_TARGET:.1f}x; {GPU_WORKERS} workers: "
-        f"{GPU_WORKERS * per_worker / GPU_TARGET:.1f}x (>= 10x wanted)"
-    )
+    for name in ("pipeline, prepared ahead", "pipeline, warm"):
+        per_worker = rows[name]
+        print(
+            f"{name} / model step here: {per_worker / consumed:,.0f}x; one worker / GPU target "
+            f"({GPU_TARGET:,}/s): {per_worker / GPU_TARGET:.1f}x; {GPU_WORKERS} workers: "
+            f"{GPU_WORKERS * per_worker / GPU_TARGET:.1f}x (>= 10x wanted)"
+        )
     return 0
 
 

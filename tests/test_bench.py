@@ -151,10 +151,20 @@ def test_pipeline_smoke_prints_its_table_and_verdict(capsys) -> None:
     except SourceUnavailable as err:
         missing(str(err))
     out = capsys.readouterr().out
-    for row in ("prepare (reference)", "pipeline, cold", "pipeline, warm", "pipeline, 1 workers, cold"):
+    rows = ("prepare (reference)", "pipeline, cold", "pipeline, warm", "pipeline, 1 workers, cold",
+            "pipeline, prepared ahead", "pipeline, 1 workers, prepared ahead")  # fmt: skip
+    for row in rows:
         assert lines_matching(out, rf"^{re.escape(row)} +[\d,]+ +\d+\.\d\dx$"), row
     assert lines_matching(out, r"^model step \(this CPU, consumes\) +[\d,.]+$")
-    assert lines_matching(out, r"one worker / GPU target \(1,500/s\): [\d.]+x; 8 workers: [\d.]+x")
+    assert lines_matching(
+        out,
+        r"^prepared ahead: built in [\d.,]+ s \(\d+ MiB, \d+ conversations, \d+ images\); a later run opens",
+    )
+    for name in ("pipeline, prepared ahead", "pipeline, warm"):
+        verdict = (
+            rf"^{name} / model step here: [\d,]+x; one worker / GPU target \(1,500/s\): [\d.]+x; 8 workers"
+        )
+        assert lines_matching(out, verdict), name
     assert lines_matching(out, r"^padding: [\d.]+% of the batches' positions are real tokens")
     assert lines_matching(
         out, r"^packed into rows of 128 tokens: \d+ rows instead of \d+; .* packed: [\d.]+x$"

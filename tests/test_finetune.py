@@ -304,6 +304,26 @@ def test_packed_rows_take_the_same_step(tmp_path, tiny_lm_folder, tower) -> None
         torch.testing.assert_close(packed[key], padded[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+def test_a_run_prepared_ahead_takes_the_same_steps(tmp_path, tiny_lm_folder, tower) -> None:
+    """`data.prepare_ahead`: the run reads its tokens and pixels from the files `vlm.pipeline.prepare_ahead`
+    wrote, and trains exactly as the run that builds them step by step."""
+    settings = dict(steps=2, batch_size=4, grad_accum=1, optimizer="sgd", bf16=False, lr=5e-2, lr_projector=5e-2,
+                    lr_vision=1e-2)  # fmt: skip
+    cfg = shipped(tmp_path / "built", tiny_lm_folder, tower, **settings)
+    assert cfg.data.prepare_ahead is None  # the default: prepared where workers build the batches (a GPU)
+    built = ft.setup(cfg, resume=False)
+    assert built.batches.prepared is None and built.workers == 0
+    prepared_cfg = shipped(tmp_path / "prepared", tiny_lm_folder, tower, **settings)
+    run = ft.setup(replace(prepared_cfg, data=replace(prepared_cfg.data, prepare_ahead=True)), resume=False)
+    assert run.batches.prepared is not None and run.batches.prepared.pixel_index
+    ft.fit(built)
+    ft.fit(run)
+    assert losses(tmp_path / "prepared" / "run") == losses(tmp_path / "built" / "run")
+    want = built.core.state_dict()
+    for key, value in run.core.state_dict().items():
+        assert torch.equal(value, want[key]), key
+
+
 def test_train_vision_lora_adapts_only_the_towers_q_and_v_and_reloads(
     tmp_path, tiny_lm_folder, tower
 ) -> None:

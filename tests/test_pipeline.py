@@ -6,14 +6,16 @@ equals the one that finds them itself."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from PIL import Image
 
+from vlm import pipeline
 from vlm.data.named import DataSpec, open_data
 from vlm.model import Batch, VisionLanguageModel, pack_rows
-from vlm.pipeline import StepBatches, default_workers, step_loader
+from vlm.pipeline import PixelCache, StepBatches, default_workers, image_digest, prepare_ahead, step_loader
 from vlm.training import Stream
 
 
@@ -164,3 +166,88 @@ def test_pinned_items_keep_their_values(model, sources) -> None:
     item = builder(model, sources)[0]
     for a, b in zip(item.batches, item.pin_memory().batches, strict=True):
         assert_same(a, b)
+
+
+# -- prepared ahead: tokens and pixels on disk, for every builder and every later run ------------------------
+
+
+def test_prepared_ahead_steps_equal_the_built_ones_and_a_later_run_computes_nothing(
+    model, sources, tmp_path, monkeypatch
+) -> None:
+    """Two epochs of steps built from the prepared files equal those built from the rows, bit for bit (the bad row
+    reported alike), in this process and from DataLoader workers; a later `prepare_ahead` opens the files, and its
+    builder neither tokenises nor decodes anything but the image no file could hold (the unreadable one)."""
+    prepare_ahead(sources, model.preparer, 512, folder=tmp_path, num_proc=1)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 4 and all(name.endswith(("-tokens.arrow", "-pixels.arrow")) for name in files)
+
+    encoded, processed = [], []
+    real_encode, real_tiles = pipeline.encode, type(model.preparer.processor).tiles
+    monkeypatch.setattr(pipeline, "encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    monkeypatch.setattr(
+        type(model.preparer.processor),
+        "tiles",
+        lambda self, image: processed.append(image) or real_tiles(self, image),
+    )
+    later = prepare_ahead(sources, model.preparer, 512, folder=tmp_path, num_proc=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files and not encoded and not processed
+    # each caption row's every prompt with each caption (3 x 2, the broken image's 3 x 1), the VQA rows' 6 texts
+    # (3 questions, answered yes or no), every readable image
+    assert len(later.token_index) == 3 * 3 * 2 + 3 * 1 + 6 and len(later.pixel_index) == 3
+
+    built, read = builder(model, sources), builder(model, sources, prepared=later)
+    steps = 2 * built.stream.epoch_len // 6 + 1
+    bad_built, bad_read = {}, {}
+    for step in range(steps):
+        a, b = built[step], read[step]
+        bad_built |= a.bad
+        bad_read |= b.bad
+        for x, y in zip(a.batches, b.batches, strict=True):
+            assert_same(x, y)
+    assert bad_read == bad_built and list(bad_read) == [(0, 3)]
+    from_workers = list(step_loader(builder(model, sources, prepared=later), 0, 5, workers=2))
+    for a, b in zip(from_workers, list(step_loader(built, 0, 5, workers=0)), strict=True):
+        for x, y in zip(a.batches, b.batches, strict=True):
+            assert_same(x, y)
+
+
+def test_a_builder_of_prepared_sources_tokenises_nothing(model, sources, tmp_path, monkeypatch) -> None:
+    """Two epochs from the prepared files: no conversation tokenised, no image decoded but the unreadable one
+    (which no file holds, so the step that meets it reports it)."""
+    prepared = prepare_ahead(sources, model.preparer, 512, folder=tmp_path, num_proc=1)
+    read = builder(model, sources, prepared=prepared)
+    processed = []
+    real_tiles = type(model.preparer.processor).tiles
+    monkeypatch.setattr(pipeline, "encode", lambda *a, **k: pytest.fail("tokenised a prepared conversation"))
+    monkeypatch.setattr(
+        type(model.preparer.processor),
+        "tiles",
+        lambda self, image: processed.append(image) or real_tiles(self, image),
+    )
+    for step in range(2 * read.stream.epoch_len // 6 + 1):
+        read[step]
+    assert processed and all(str(image).endswith("broken.png") for image in processed)
+
+
+def test_a_file_changed_since_it_was_prepared_is_read_again(model, tmp_path) -> None:
+    image = tmp_path / "box.png"
+    Image.new("RGB", (20, 12), (200, 20, 20)).save(image)
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps({"image": "box.png", "question": "Colour?", "answers": ["red"]})
+    )
+    rows = [open_data(DataSpec("vqa", str(tmp_path / "rows.jsonl")))]
+    prepared = prepare_ahead(rows, model.preparer, 512, folder=tmp_path / "prepared", num_proc=1)
+    before = image_digest(str(image))
+    assert prepared.pixels(before) is not None
+    Image.new("RGB", (20, 12), (20, 20, 200)).save(image)
+    os.utime(image, ns=(1, 1))  # a file system with coarse times could keep the old one
+    assert image_digest(str(image)) != before
+    fresh = PixelCache(model.preparer, 1 << 20, prepared)(str(image))
+    assert torch.equal(fresh.pixels, model.preparer.processor.tiles(str(image)).pixels)
+    assert not torch.equal(fresh.pixels, prepared.pixels(before).pixels)
+
+
+def test_prepared_for_another_max_length_is_refused(model, sources, tmp_path) -> None:
+    prepared = prepare_ahead(sources, model.preparer, 512, folder=tmp_path, num_proc=1)
+    with pytest.raises(ValueError, match="prepared ahead for max_length 512, not 64: prepare again"):
+        builder(model, sources, max_length=64, prepared=prepared)

@@ -63,7 +63,7 @@ from vlm.data.named import DataError, DataSpec, Rows, open_data  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
 from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
-from vlm.pipeline import StepBatches, default_workers, step_loader  # noqa: E402
+from vlm.pipeline import StepBatches, default_workers, prepare_ahead, step_loader  # noqa: E402
 from vlm.projector import ProjectorConfig, check_divisible  # noqa: E402
 from vlm.siglip import SiglipVisionConfig  # noqa: E402
 from vlm.training import (  # noqa: E402
@@ -189,6 +189,9 @@ class DataSection(Checked):
     # Pack each micro-batch's conversations into rows of max_length tokens (a block-diagonal mask keeps them
     # apart) instead of padding each to the longest: the same loss, less work where lengths vary.
     pack: bool = False
+    # Tokenise and process every source's rows once, before the first step, into files every worker and every
+    # later run reads (vlm.pipeline.prepare_ahead); null: where DataLoader workers build the batches (a GPU).
+    prepare_ahead: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -437,10 +440,14 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     workers = (
         t.num_workers if t.num_workers is not None else default_workers(accelerator.device, bool(streamed))
     )
+    prepared = None
+    if cfg.data.prepare_ahead or (cfg.data.prepare_ahead is None and workers > 0):
+        with accelerator.main_process_first():  # one process builds, the others open what it wrote
+            prepared = prepare_ahead(sources, model.preparer, cfg.data.max_length, log=log)
     batches = StepBatches(
         sources, stream, model.preparer, batch_size=t.batch_size, grad_accum=t.grad_accum,
         world=accelerator.num_processes, rank=accelerator.process_index, max_length=cfg.data.max_length,
-        seed=t.seed, cache_bytes=(2 << 30) // max(1, workers), pack=cfg.data.pack,
+        seed=t.seed, cache_bytes=(2 << 30) // max(1, workers), pack=cfg.data.pack, prepared=prepared,
     )  # fmt: skip
     metrics = open_run_folder(run_dir, cfg, accelerator.is_main_process)
     eval_rows = eval_source.eval_rows() if eval_source is not None else None

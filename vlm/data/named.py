@@ -414,6 +414,18 @@ class Rows:
             return [user(prompt, [self._image(row)]), _assistant(caption)]
         return self._chat(row)
 
+    def conversations(self, index: int) -> list[list[Message]]:
+        """Every conversation `conversation(index, rng)` can give, whatever `rng` draws: a caption row's every
+        prompt with each of its captions; any other row's one conversation. (What `vlm.pipeline.prepare_ahead`
+        tokenises ahead of training, so that no draw misses.)"""
+        if self.format != "caption":
+            return [self.conversation(index)]
+        row = self.row(index)
+        image, captions = self._image(row), self._captions(row)
+        return [
+            [user(prompt, [image]), _assistant(caption)] for prompt in CAPTION_PROMPTS for caption in captions
+        ]
+
     def eval_rows(self) -> list[dict[str, Any]]:
         """Every usable row for `vlm.evaluate`: vqa {image, question, answers, question_type?, answer_type?},
         caption {image, captions}, chat {messages (up to the last user turn), reference (the last assistant
