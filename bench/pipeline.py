@@ -12,8 +12,9 @@ and processed for its 64 px tower. Rows:
 - `pipeline, cold`: `vlm.pipeline.StepBatches`, first epoch (every text tokenised, every image decoded);
 - `pipeline, warm`: the same builder later on, its token and pixel caches filled (an epoch of the recipe is
   ~5,900 rows: from the second epoch on, every step is warm);
-- `pipeline, N workers, cold`: a `DataLoader` with N worker processes building first-epoch steps in parallel
-  (they share this machine's cores with the training process: run where there are cores to spare);
+- `pipeline, N workers, cold`: a `DataLoader` with N worker processes building first-epoch steps in parallel,
+  timed from the first step's arrival (starting the workers, once a run, left out; they share this machine's
+  cores with the training process: run where there are cores to spare);
 - `prepared ahead`: `vlm.pipeline.prepare_ahead` builds the recipe's token and pixel files (in a temporary
   folder, so it is a real build; its time and size are printed), then a fresh builder reads them: the first
   epoch of every later run, in this process and with N workers.
@@ -91,6 +92,16 @@ def rate(run, steps: int, batch: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
+def loader_rate(batches: StepBatches, steps: int, workers: int, batch: int) -> float:
+    """Steps a second from `workers` DataLoader workers once they run: timed from the first step's arrival
+    (starting the processes, once a run, is left out), so `steps` - 1 steps are counted."""
+    items = step_loader(batches, 0, steps, workers)
+    next(items)
+    start = time.perf_counter()
+    count = sum(1 for _ in items)
+    return count * batch / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -127,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rows["pipeline, cold"] = rate(lambda: [warm[s] for s in steps], args.steps, args.batch)
     rows["pipeline, warm"] = rate(lambda: [warm[s] for s in steps], args.steps, args.batch)
     fresh = builder()
-    rows[f"pipeline, {args.workers} workers, cold"] = rate(
-        lambda: list(step_loader(fresh, 0, args.steps, args.workers)), args.steps, args.batch
-    )
+    rows[f"pipeline, {args.workers} workers, cold"] = loader_rate(fresh, args.steps, args.workers, args.batch)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         prepare_ahead(data, preparer, max_length, folder=Path(folder), log=lambda _: None)
@@ -141,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         read = builder(prepared=prepared)
         rows["pipeline, prepared ahead"] = rate(lambda: [read[s] for s in steps], args.steps, args.batch)
         read = builder(prepared=prepared)
-        rows[f"pipeline, {args.workers} workers, prepared ahead"] = rate(
-            lambda: list(step_loader(read, 0, args.steps, args.workers)), args.steps, args.batch
+        rows[f"pipeline, {args.workers} workers, prepared ahead"] = loader_rate(
+            read, args.steps, args.workers, args.batch
         )
 
     # padding: the share of a padded batch's positions that hold real tokens, i.e. the most that packing
