@@ -251,3 +251,47 @@ def test_prepared_for_another_max_length_is_refused(model, sources, tmp_path) ->
     prepared = prepare_ahead(sources, model.preparer, 512, folder=tmp_path, num_proc=1)
     with pytest.raises(ValueError, match="prepared ahead for max_length 512, not 64: prepare again"):
         builder(model, sources, max_length=64, prepared=prepared)
+
+
+def test_prepared_ahead_under_image_splitting_with_chat_rows_of_two_images(
+    smollm2_folder, sources, tmp_path, monkeypatch
+) -> None:
+    """With image splitting a conversation's tokens depend on its images' tile grids (so the stored tokens are
+    keyed by them too), and a chat row holds several images: the steps read from the prepared files still equal
+    the built ones, bit for bit, and nothing is tokenised again."""
+    from hf_vlms import save_tiny_vlm
+
+    folder = save_tiny_vlm(tmp_path / "split", "smolvlm", smollm2_folder, splitting=True, seed=1)
+    model = VisionLanguageModel.from_pretrained(folder)
+    assert model.preparer.processor.splitting
+    root = sources[0].root
+    chats = [
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                  {"type": "text", "text": f"Which one is {c}?"}]},
+                      {"role": "assistant", "content": answer}],
+         "images": [str(root / "red.png"), str(root / "blue.png")]}
+        for c, answer in (("red", "the first"), ("blue", "the second"))
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    data = [*sources, open_data(DataSpec("chat", str(tmp_path / "chat.jsonl")))]
+    prepared = prepare_ahead(data, model.preparer, 512, folder=tmp_path / "prepared", num_proc=1)
+    grids = {prepared.pixels(image_digest(str(root / f"{c}.png"))).grid for c in ("red", "green", "blue")}
+    assert grids == {model.preparer.processor.tiles(str(root / "red.png")).grid} and (0, 0) not in grids
+
+    def steps(prepared=None) -> StepBatches:
+        stream = Stream([len(s) for s in data], [2.0, 1.0, 1.0], seed=5)
+        return StepBatches(
+            data, stream, model.preparer, batch_size=3, max_length=512, seed=5, prepared=prepared
+        )
+
+    built = steps()
+    expected = [built[step] for step in range(2 * built.stream.epoch_len // 3 + 1)]
+    monkeypatch.setattr(pipeline, "encode", lambda *a, **k: pytest.fail("tokenised a prepared conversation"))
+    read = steps(prepared)
+    for step, item in enumerate(expected):
+        got = read[step]
+        assert got.bad == item.bad
+        for x, y in zip(item.batches, got.batches, strict=True):
+            assert_same(x, y)
+    assert any(b.pixel_values is not None and len(b.pixel_values) > 2 * len(b.input_ids) for i in expected
+               for b in i.batches)  # fmt: skip  # several tiles an image
