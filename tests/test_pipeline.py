@@ -295,3 +295,20 @@ def test_prepared_ahead_under_image_splitting_with_chat_rows_of_two_images(
             assert_same(x, y)
     assert any(b.pixel_values is not None and len(b.pixel_values) > 2 * len(b.input_ids) for i in expected
                for b in i.batches)  # fmt: skip  # several tiles an image
+
+
+def test_a_source_with_no_usable_row_prepares_to_empty_files(model, tmp_path) -> None:
+    """Nothing to compute (every row unusable, or every image unreadable) still writes the files (empty), and
+    opening them again finds them."""
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "empty.jsonl").write_text(
+        json.dumps({"image": "broken.png", "question": "", "answers": ["x"]})
+    )
+    (tmp_path / "broken.jsonl").write_text(
+        json.dumps({"image": "broken.png", "question": "Red?", "answers": ["x"]})
+    )
+    rows = [open_data(DataSpec("vqa", str(tmp_path / name))) for name in ("empty.jsonl", "broken.jsonl")]
+    for _ in range(2):  # built, then opened
+        prepared = prepare_ahead(rows, model.preparer, 512, folder=tmp_path / "prepared", num_proc=1)
+        assert len(prepared.token_index) == 1 and not prepared.pixel_index  # the broken image's question only
+    assert len(list((tmp_path / "prepared").glob("*.arrow"))) == 4

@@ -321,9 +321,9 @@ class Prepared:
         self.token_index: dict[str, tuple[int, int]] = {}
         self.pixel_index: dict[str, tuple[int, int]] = {}
         for k, (tokens, pixels) in enumerate(tables):
-            for i, digest in enumerate(tokens["digest"]):
+            for i, digest in enumerate(tokens.data.column("digest").to_pylist()):
                 self.token_index.setdefault(digest, (k, i))
-            for i, digest in enumerate(pixels["digest"]):
+            for i, digest in enumerate(pixels.data.column("digest").to_pylist()):
                 self.pixel_index.setdefault(digest, (k, i))
 
     def tokens(self, digest: str) -> Encoded | None:
@@ -401,6 +401,12 @@ def _prepared_source(
             ("tokens", token_jobs, _tokens_batch, _TOKEN_FEATURES),
             ("pixels", pixel_jobs, _pixels_batch, _PIXEL_FEATURES),
         ):
+            if not jobs["row"]:  # no usable row: `map` of nothing would lose the columns
+                _write_arrow(
+                    datasets.Dataset.from_dict({k: [] for k in features}, features=features), paths[part]
+                )
+                built.append(datasets.Dataset.from_file(str(paths[part])))
+                continue
             jobs = datasets.Dataset.from_dict(jobs)
             procs = num_proc if num_proc is not None else min(os.cpu_count() or 1, 8)
             mapped = jobs.map(
