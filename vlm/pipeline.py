@@ -397,9 +397,9 @@ def _prepared_source(
     folder.mkdir(parents=True, exist_ok=True)
     built = []
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{stem}-") as scratch:
-        for part, jobs, make, features in (
-            ("tokens", token_jobs, _tokens_batch, _TOKEN_FEATURES),
-            ("pixels", pixel_jobs, _pixels_batch, _PIXEL_FEATURES),
+        for part, jobs, make, features, options in (
+            ("tokens", token_jobs, _tokens_batch, _TOKEN_FEATURES, {"max_length": max_length}),
+            ("pixels", pixel_jobs, _pixels_batch, _PIXEL_FEATURES, {}),
         ):
             if not jobs["row"]:  # no usable row: `map` of nothing would lose the columns
                 _write_arrow(
@@ -413,7 +413,7 @@ def _prepared_source(
                 make,
                 batched=True,
                 batch_size=64,
-                fn_kwargs={"rows": rows, "preparer": preparer, "max_length": max_length},
+                fn_kwargs={"rows": rows, "preparer": preparer, **options},
                 features=features,
                 remove_columns=jobs.column_names,
                 num_proc=procs if procs > 1 and len(jobs) >= _PARALLEL_FROM else None,
@@ -498,9 +498,7 @@ def _tokens_batch(
     return out
 
 
-def _pixels_batch(
-    batch: dict[str, list[int]], rows: Rows, preparer: Preparer, max_length: int | None
-) -> dict[str, list[Any]]:
+def _pixels_batch(batch: dict[str, list[int]], rows: Rows, preparer: Preparer) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"digest": [], "pixels": [], "shape": [], "grid": []}
     for index, position in zip(batch["row"], batch["image"], strict=True):
         try:
