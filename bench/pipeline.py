@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_ahead(data, preparer, max_length, folder=Path(folder), log=lambda _: None)
         built_in = time.perf_counter() - start
         stored = sum(f.stat().st_size for f in Path(folder).iterdir())
-        start = time.perf_counter()
+        start = time.perf_counter()  # called again, as a later run would: it opens what the first call built
         prepared = prepare_ahead(data, preparer, max_length, folder=Path(folder), log=lambda _: None)
         opened_in = time.perf_counter() - start
         read = builder(prepared=prepared)
@@ -156,15 +156,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # padding: the share of a padded batch's positions that hold real tokens, i.e. the most that packing
     # conversations into full rows (nanoVLM's knapsack packing, a block-diagonal mask) could save
-    real = padded = 0
+    real = padded = padded_rows = 0
     for s in steps:
         for b in warm[s].batches:
             real += int(b.attention_mask.sum())
             padded += b.attention_mask.numel()
+            padded_rows += len(b.input_ids)
 
     packed = builder(pack=True)
     packed_rows = sum(len(b.input_ids) for s in steps for b in packed[s].batches)
-    padded_rows = sum(len(b.input_ids) for s in steps for b in warm[s].batches)
 
     # what the model consumes: one training step of the default model at this batch, on this CPU
     model.freeze(("vision", "lm"))  # the projector trains (and LoRA, which the loaded adapter brings along)

@@ -175,8 +175,8 @@ def test_prepared_ahead_steps_equal_the_built_ones_and_a_later_run_computes_noth
     model, sources, tmp_path, monkeypatch
 ) -> None:
     """Two epochs of steps built from the prepared files equal those built from the rows, bit for bit (the bad row
-    reported alike), in this process and from DataLoader workers; a later `prepare_ahead` opens the files, and its
-    builder neither tokenises nor decodes anything but the image no file could hold (the unreadable one)."""
+    reported alike), in this process and from DataLoader workers; a later `prepare_ahead` opens the files without
+    tokenising or decoding anything."""
     prepare_ahead(sources, model.preparer, 512, folder=tmp_path, num_proc=1)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 4 and all(name.endswith(("-tokens.arrow", "-pixels.arrow")) for name in files)

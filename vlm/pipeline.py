@@ -502,7 +502,7 @@ def _pixels_batch(batch: dict[str, list[int]], rows: Rows, preparer: Preparer) -
     out: dict[str, list[Any]] = {"digest": [], "pixels": [], "shape": [], "grid": []}
     for index, position in zip(batch["row"], batch["image"], strict=True):
         try:
-            _, images = text_key(rows.conversations(index)[0])
+            _, images = text_key(rows.conversation(index))  # a row's variants differ in text only
             image = images[position]
             tiles = preparer.processor.tiles(image)
         except UNUSABLE:
