@@ -227,7 +227,8 @@ def _available(name: str) -> bool:
 
 def test_registry_takes_the_old_easy_vqa_name() -> None:
     assert "easy_vqa" in SOURCES and SOURCES["easy_vqa"] is SOURCES["easy-vqa"] is easy_vqa.build
-    assert list(SOURCES) == ["emoji", "openclipart", "flags", "fashion_mnist", "easy-vqa"]  # aliases unlisted
+    names = ["emoji", "openclipart", "flags", "fashion_mnist", "easy-vqa", "scenes"]
+    assert list(SOURCES) == names  # aliases unlisted
     assert "no-such-source" not in SOURCES
 
 

@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 import pytest
 from needs import missing
+from scripts import load_script
 
 from vlm.data import common, scenes, sort_of_clevr
 from vlm.data.named import DataError, DataSpec, open_data
@@ -484,6 +485,27 @@ def test_open_data_serves_scene_rows() -> None:
     assert {r["question_type"] for r in relational} == {"relational"}
 
 
+def test_scene_captions_are_a_pretraining_source() -> None:
+    """SigLIP pretraining reads scenes like any packaged source: pairs at the tower's size, drawn at 128 px
+    and resized (what the VLM's processor makes of a scene), captioned with the scene's one sentence."""
+    from vlm.data.sources import SOURCES
+
+    pretrain = load_script("pretrain_siglip")
+    pairs = pretrain.load_source(pretrain.Source("scenes", limit=3), size=64)
+    assert len(pairs) == 3 and {"image", "text", "source"} <= set(pairs.column_names)
+    for i, seed in enumerate(range(3)):
+        scene = scenes.generate(seed)
+        image = pairs[i]["image"]
+        assert image.size == (64, 64) and image.mode == "RGB"
+        expected = common.fit_square(scenes.render(scene), 64)
+        assert np.array_equal(np.asarray(image), np.asarray(expected))
+        assert pairs[i]["text"] == scenes.caption(scene) and pairs[i]["source"] == "scenes"
+    test = SOURCES["scenes"](split="test", size=None, limit=2, cache=False)
+    assert test[1]["image"].size == (128, 128) and test[1]["seed"] == scenes.TEST_SEED + 1
+    both = SOURCES["scenes"](split="all", size=32, limit=2, cache=False)
+    assert both["seed"] == [0, 1, scenes.TEST_SEED, scenes.TEST_SEED + 1]
+
+
 def test_open_data_refuses_what_generated_data_cannot_be() -> None:
     with pytest.raises(DataError, match="scenes: unknown skill"):
         open_data(DataSpec("vqa", "scenes", limit=5, subset="counting"))
@@ -493,6 +515,43 @@ def test_open_data_refuses_what_generated_data_cannot_be() -> None:
         open_data(DataSpec("vqa", "scenes", split="validation", limit=5))
     with pytest.raises(DataError, match="caption"):
         open_data(DataSpec("caption", "scenes", limit=5, subset="count"))
+    for bad in ("objects=0-2", "objects=3-2", "objects=9", "objects=two", "objects=1-2-3"):
+        with pytest.raises(DataError, match="objects"):
+            open_data(DataSpec("vqa", "scenes", limit=5, subset=f"{bad},count"))
+
+
+def test_a_layout_draws_smaller_scenes_for_a_curriculum() -> None:
+    assert scenes.parse_subset("objects=1-2, plain, count") == (
+        ("count",),
+        scenes.Layout((1, 2), clutter=False),
+    )
+    assert scenes.parse_subset("objects=3") == (None, scenes.Layout((3, 3)))
+    assert scenes.parse_subset(None) == (None, scenes.Layout())
+    few = scenes.Layout((1, 2), clutter=False)
+    assert str(few) == "objects=1-2,plain" and str(scenes.Layout()) == ""
+    seeds = range(200)
+    plain = [scenes.generate(seed, layout=few) for seed in seeds]
+    assert {len(s.objects) for s in plain} == {1, 2} and not any(s.cluttered for s in plain)
+    busy = [scenes.generate(seed, layout=scenes.Layout((6, 8))) for seed in seeds]
+    assert {len(s.objects) for s in busy} <= {5, 6, 7, 8} and sum(len(s.objects) < 6 for s in busy) < 5
+    assert any(s.cluttered for s in busy)  # words and charts still drawn
+    # The default layout is the world as it was: the same seed, the same scene.
+    assert scenes.generate(7, layout=scenes.Layout()) == scenes.generate(7)
+
+    # Through open_data: the rows' images are the layout's scenes (never the default's from a shared cache), and
+    # the questions are about them.
+    default = open_data(DataSpec("vqa", "scenes", split="test", limit=20, subset="count"))
+    rows = open_data(DataSpec("vqa", "scenes", split="test", limit=20, subset="objects=1-2,plain,count"))
+    for i in range(len(rows)):
+        row = rows.dataset[i]
+        scene = scenes.generate(row["seed"], layout=few)
+        assert row["image"]["bytes"] == common.png_bytes(scenes.render(scene))
+        assert row["answers"][0] in {"0", "1", "2"} and row["question_type"] == "count"
+    assert rows.dataset[0]["image"]["bytes"] != default.dataset[0]["image"]["bytes"]
+    captions = open_data(DataSpec("caption", "scenes", limit=3, subset="objects=1,plain")).eval_rows()
+    assert captions[0]["captions"] == [
+        scenes.caption(scenes.generate(0, layout=scenes.Layout((1, 1), False)))
+    ]
 
 
 def _count_draws(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -537,10 +596,12 @@ def test_vqa_images_are_stored_once_per_scene_and_read_without_drawing(
     assert one_by_one == batched == [_drawn(seed) for seed in seeds]
 
     # A seed the table lacks is drawn instead.
-    table = scenes._images("train", 2, scenes.SIZE, cache=False)
+    table = scenes._images("train", 2, scenes.SIZE, scenes.Layout(), cache=False)
     assert table["seed"] == [0, 1] and table["png"] == [_drawn(0), _drawn(1)]
     draws.clear()
-    batch = scenes._look_up_images({"seed": [1, 7]}, images=table, first_seed=0, size=scenes.SIZE)
+    batch = scenes._look_up_images(
+        {"seed": [1, 7]}, images=table, first_seed=0, size=scenes.SIZE, layout=scenes.Layout()
+    )
     assert draws == [7] and [cell["bytes"] for cell in batch["image"]] == [_drawn(1), _drawn(7)]
 
     # Without the cache, the images table is kept in memory: no file is written.

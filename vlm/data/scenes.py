@@ -34,7 +34,8 @@ Rows for `vlm.data.named.open_data` (`load_rows`, cached by `common.build_rows`)
 the skill, answer_type = the template, for a finer breakdown; each scene's image is stored once, in a table of
 its own, and looked up by the row's seed when the row is read, rather than stored with each of its 10
 questions), caption (the one-sentence caption) and chat (a few questions about one image as one
-conversation). `subset` keeps only the named skills ("count,position").
+conversation). `subset` keeps only the named skills ("count,position"), and may ask for smaller scenes (a
+`Layout`, for a curriculum: "objects=1-2,plain,count" — one or two objects, no words or chart).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ SIZE = 128  # the canvas, px (see the module docstring)
 TEST_SEED = 10**9  # the first seed of split "test"; "train" is 0 .. TEST_SEED - 1
 TRAIN_IMAGES, TEST_IMAGES = 20_000, 1_000  # a split's images when no `limit` is given
 QUESTIONS_PER_IMAGE = 10
+MAX_OBJECTS = 8
 _VERSION = 1  # bump when the same seed draws or asks something else (the build cache is keyed by it)
 _SS = 2  # supersampling factor of the drawing
 
@@ -405,11 +407,34 @@ def _picture_image(kind: str, source: str) -> Image.Image:
 # -- generating ---------------------------------------------------------------------------------------------------
 
 
-def generate(seed: int, size: int = SIZE, pictures: bool = True) -> Scene:
+@dataclass(frozen=True)
+class Layout:
+    """What a scene may hold: between `objects[0]` and `objects[1]` objects, and (with `clutter`) words and a
+    bar chart. The default is the full world; a curriculum starts smaller, e.g. one or two objects on a plain
+    ground (`Layout((1, 2), clutter=False)`, subset "objects=1-2,plain"), where an answer can only come from
+    looking: a model fine-tuned on the full world for 250 steps still answers from each question's prior."""
+
+    objects: tuple[int, int] = (1, MAX_OBJECTS)
+    clutter: bool = True
+
+    def __post_init__(self) -> None:
+        low, high = self.objects
+        if not 1 <= low <= high <= MAX_OBJECTS:
+            raise ValueError(f"objects {low}-{high}: a scene holds 1 to {MAX_OBJECTS} objects, fewest first")
+
+    def __str__(self) -> str:
+        """The subset items that ask for this layout ("" for the default)."""
+        items = [] if self.objects == (1, MAX_OBJECTS) else [f"objects={self.objects[0]}-{self.objects[1]}"]
+        return ",".join(items + ([] if self.clutter else ["plain"]))
+
+
+def generate(seed: int, size: int = SIZE, pictures: bool = True, layout: Layout = Layout()) -> Scene:
     """The scene of `seed`: with probability 0.25 a bar chart, with 0.4 one or two words (half of them on
-    signs), then 1-8 objects (shapes; pictures too when `pictures` and installed) wherever they fit. The
-    chart and words go first so that they always fit; an object that finds no room after 200 tries is drawn
-    a size smaller, and left out if even small finds none (in 0.2% of scenes)."""
+    signs) — neither without `layout.clutter` — then 1-8 objects (`layout.objects`; shapes, pictures too when
+    `pictures` and installed) wherever they fit. The chart and words go first so that they always fit; an
+    object that finds no room after 200 tries is drawn a size smaller, and left out if even small finds none
+    (in 0.2% of scenes). The default layout draws what it always drew for a seed; another draws other scenes
+    from the same seeds."""
     if size < 64:
         raise ValueError(f"size {size} is too small for words and charts; use 64 px or more")
     rng = random.Random(f"scenes:{_VERSION}:{seed}")
@@ -417,7 +442,7 @@ def generate(seed: int, size: int = SIZE, pictures: bool = True) -> Scene:
     emoji_pool, clipart_pool, notes = picture_pool() if pictures else ((), (), ("pictures: not asked for",))
     boxes: list[Box] = []
     chart = None
-    if rng.random() < 0.25:
+    if layout.clutter and rng.random() < 0.25:
         bars = rng.randint(3, 5)
         box = _place(rng, boxes, (round((12 * bars + 8) * scale), round(56 * scale)), size)
         if box is not None:
@@ -425,14 +450,14 @@ def generate(seed: int, size: int = SIZE, pictures: bool = True) -> Scene:
             values = tuple(rng.randint(1, 9) for _ in range(bars))
             chart = Chart(box, tuple(CHART_LABELS[:bars]), values, rng.choice(list(COLORS)))
     words: list[Word] = []
-    if rng.random() < 0.4:
+    if layout.clutter and rng.random() < 0.4:
         for text in rng.sample(WORDS, 2 if rng.random() < 0.25 else 1):
             word = _make_word(rng, text, boxes, size)
             if word is not None:
                 boxes.append(word.box)
                 words.append(word)
     objects: list[Thing] = []
-    for _ in range(rng.randint(1, 8)):
+    for _ in range(rng.randint(*layout.objects)):
         thing = _draw_thing(rng, objects, emoji_pool, clipart_pool, scale)
         box = _place(rng, boxes, _extent(thing, scale), size)
         while box is None and thing["size"] != "small":  # no room: a size smaller
@@ -1611,12 +1636,12 @@ def description(scene: Scene) -> str:
 
 VQA_FEATURES = Features(
     {
-        "image": Value("string"),  # "scenes/<size>/<seed>": the scene's PNG when read (see `load_rows`)
+        "image": Value("string"),  # "scenes/<size>[/<layout>]/<seed>": its PNG when read (`load_rows`)
         "question": Value("string"),
         "answers": List(Value("string")),
         "question_type": Value("string"),
         "answer_type": Value("string"),
-        "seed": Value("int64"),  # `generate(seed, size)` gives the scene back
+        "seed": Value("int64"),  # `generate(seed, size, layout=...)` gives the scene back
     }
 )
 # The vqa rows' images, one row per scene (see `load_rows`).
@@ -1634,24 +1659,51 @@ CHAT_FEATURES = Features(
 )
 
 
-def parse_skills(subset: str | None) -> tuple[str, ...] | None:
-    """A `subset` ("count,position") as skills; None keeps them all. ValueError for an unknown skill."""
-    if subset is None or not subset.strip():
-        return None
-    skills = tuple(s.strip() for s in subset.split(",") if s.strip())
+def parse_subset(subset: str | None) -> tuple[tuple[str, ...] | None, Layout]:
+    """A `subset` ("count,position", "objects=1-2,plain,count") as its skills (None: all of them) and its
+    layout: "objects=N" or "objects=LOW-HIGH" bounds the number of objects, "plain" leaves words and charts
+    out. ValueError for anything else."""
+    skills: list[str] = []
+    objects, clutter = (1, MAX_OBJECTS), True
+    for item in (s.strip() for s in (subset or "").split(",")):
+        if item == "plain":
+            clutter = False
+        elif item.startswith("objects="):
+            bounds = item.removeprefix("objects=").split("-")
+            if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+                raise ValueError(f"{item!r} in subset {subset!r}: write objects=N or objects=LOW-HIGH")
+            objects = (int(bounds[0]), int(bounds[-1]))
+        elif item:
+            skills.append(item)
     unknown = [s for s in skills if s not in SKILLS]
     if unknown:
-        raise ValueError(f"unknown skill(s) {unknown} in subset {subset!r}; the skills: {', '.join(SKILLS)}")
-    return skills
+        raise ValueError(
+            f"unknown skill(s) {unknown} in subset {subset!r}; the skills: {', '.join(SKILLS)}"
+            " (and the layout: objects=LOW-HIGH, plain)"
+        )
+    return tuple(skills) or None, Layout(objects, clutter)
 
 
 def build(
-    split: str = "train", size: int = SIZE, limit: int | None = None, *, cache: bool = True
+    split: str = "train", size: int | None = SIZE, limit: int | None = None, *, cache: bool = True
 ) -> datasets.Dataset:
-    """Scenes as caption pairs (the signature of `vlm.data.sources.SOURCES`' builders): image, text (the
-    one-sentence caption), source "scenes", description (the detailed one), seed, scene (JSON). `limit`
-    images (default: TRAIN_IMAGES or TEST_IMAGES)."""
-    return load_rows("caption", split, limit=limit, size=size, cache=cache)
+    """Scenes as caption pairs, the `vlm.data.sources.SOURCES` builder that the SigLIP pretraining reads:
+    image, text (the one-sentence caption), source "scenes", description (the detailed one), seed, scene
+    (JSON). `limit` images (default: TRAIN_IMAGES or TEST_IMAGES). Drawn at 128 px (`SIZE`), then resized
+    to `size` x `size` (None: kept) like every source's images: a 64-px tower is pretrained on what the VLM's
+    processor makes of a 128-px scene, not on a scene drawn at 64 px (other fonts, thinner lines)."""
+    if split == "all":  # as the other sources: both splits
+        parts = [build(part, size, limit, cache=cache) for part in ("train", "test")]
+        return common.with_report(datasets.concatenate_datasets(parts), common.SkipReport("scenes"))
+    rows = load_rows("caption", split, limit=limit, cache=cache)
+    if size is None or size == SIZE:
+        return rows
+    resized = rows.map(_resized, fn_kwargs={"size": size}, desc=f"scenes at {size} px")
+    return common.with_report(resized, common.skip_report(rows))
+
+
+def _resized(row: dict[str, Any], size: int) -> dict[str, Any]:
+    return {"image": common.png_cell(row["image"].convert("RGB"), size)}
 
 
 def load_rows(
@@ -1664,8 +1716,8 @@ def load_rows(
 ) -> datasets.Dataset:
     """Rows of `kind` for `vlm.data.named.open_data`: "vqa" (`limit` questions, QUESTIONS_PER_IMAGE an
     image), "caption" or "chat" (`limit` images, one row each). Without `limit`, TRAIN_IMAGES or
-    TEST_IMAGES images. `subset` names the skills to keep (vqa and chat). Built with `common.build_rows`
-    and cached by its fingerprint (`cache`).
+    TEST_IMAGES images. `subset` names the skills to keep (vqa and chat) and the scenes' `Layout` (any kind;
+    `parse_subset`). Built with `common.build_rows` and cached by its fingerprint (`cache`).
 
     A vqa row's image is stored once per scene, not once per question: the scenes are drawn once each into
     a table of their own (`_images`: seed and PNG, about 3 KB a scene, 65 MB for the default 20,000 train
@@ -1676,7 +1728,7 @@ def load_rows(
     thousands of scenes and no small cache of recent images would hit."""
     if kind not in ("vqa", "caption", "chat"):
         raise ValueError(f"generated scenes come as kind vqa, caption or chat, not {kind!r}")
-    skills = parse_skills(subset)
+    skills, layout = parse_subset(subset)
     if skills is not None and kind == "caption":
         raise ValueError("a subset of skills applies to kinds vqa and chat, not caption")
     scene_seed(split, 0)  # checks the split
@@ -1684,7 +1736,7 @@ def load_rows(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None:
-        images = _images_for(split, limit, skills, size) if kind == "vqa" else limit
+        images = _images_for(split, limit, skills, size, layout) if kind == "vqa" else limit
     items = [{"seed": scene_seed(split, i)} for i in range(images)]
     built = common.build_rows(
         f"scenes-{kind}",
@@ -1696,18 +1748,21 @@ def load_rows(
         kind=kind,
         size=size,
         skills=list(skills) if skills else None,
+        layout=layout,
     )
     if kind != "vqa":
         return built
     report = common.skip_report(built)
     if limit is not None and len(built) > limit:
         built = built.select(range(limit))
-    table = _images(split, images, size, cache)
-    look_up = functools.partial(_look_up_images, images=table, first_seed=scene_seed(split, 0), size=size)
+    table = _images(split, images, size, layout, cache)
+    look_up = functools.partial(
+        _look_up_images, images=table, first_seed=scene_seed(split, 0), size=size, layout=layout
+    )
     return common.with_report(built.with_transform(look_up), report)
 
 
-def _images_for(split: str, rows: int, skills: Sequence[str] | None, size: int) -> int:
+def _images_for(split: str, rows: int, skills: Sequence[str] | None, size: int, layout: Layout) -> int:
     """How many images give `rows` questions. Every scene has QUESTIONS_PER_IMAGE of all skills; for some
     skills only, the scenes' questions are counted (their descriptions are generated, not drawn)."""
     if skills is None:
@@ -1716,27 +1771,34 @@ def _images_for(split: str, rows: int, skills: Sequence[str] | None, size: int) 
     while total < rows:
         if index >= TEST_SEED or (index > 1000 and total == 0):
             raise ValueError(f"no scene has a question of the skills {list(skills)}")
-        total += len(questions(generate(scene_seed(split, index), size), skills=skills))
+        total += len(questions(generate(scene_seed(split, index), size, layout=layout), skills=skills))
         index += 1
     return index
 
 
-def _images(split: str, n_images: int, size: int, cache: bool) -> datasets.Dataset:
+def _images(split: str, n_images: int, size: int, layout: Layout, cache: bool) -> datasets.Dataset:
     """The split's first `n_images` scenes drawn once each, in seed order: columns seed and png (the bytes a
     vqa row's image holds). Built with `common.build_rows` (so cached by the seeds, `size` and `_VERSION`
-    with `cache`, kept in memory without)."""
+    and `layout` with `cache`, kept in memory without)."""
     items = [{"seed": scene_seed(split, i)} for i in range(n_images)]
     return common.build_rows(
-        "scenes-images", items, _encode_png, IMAGE_FEATURES, version=_VERSION, cache=cache, size=size
+        "scenes-images",
+        items,
+        _encode_png,
+        IMAGE_FEATURES,
+        version=_VERSION,
+        cache=cache,
+        size=size,
+        layout=layout,
     )
 
 
-def _encode_png(item: dict[str, Any], size: int) -> dict[str, Any]:
-    return {"seed": item["seed"], "png": _draw(item["seed"], size)}
+def _encode_png(item: dict[str, Any], size: int, layout: Layout) -> dict[str, Any]:
+    return {"seed": item["seed"], "png": _draw(item["seed"], size, layout)}
 
 
 def _look_up_images(
-    batch: dict[str, list[Any]], images: datasets.Dataset, first_seed: int, size: int
+    batch: dict[str, list[Any]], images: datasets.Dataset, first_seed: int, size: int, layout: Layout
 ) -> dict[str, list[Any]]:
     """The vqa rows' transform: each row's image, read from `images` (`_images`) by its seed.
 
@@ -1752,31 +1814,31 @@ def _look_up_images(
         if 0 <= index < len(seeds) and seeds[index].as_py() == seed:
             png = pngs[index].as_py()
         else:
-            png = _png(seed, size)
+            png = _png(seed, size, layout)
         out.append({"bytes": png, "path": None})
     return {**batch, "image": out}
 
 
 @functools.lru_cache(maxsize=64)
-def _png(seed: int, size: int) -> bytes:
+def _png(seed: int, size: int, layout: Layout) -> bytes:
     """A scene's image drawn (for a seed outside the table), the last few kept."""
-    return _draw(seed, size)
+    return _draw(seed, size, layout)
 
 
-def _draw(seed: int, size: int) -> bytes:
-    return common.png_bytes(render(generate(seed, size)))
+def _draw(seed: int, size: int, layout: Layout) -> bytes:
+    return common.png_bytes(render(generate(seed, size, layout=layout)))
 
 
 def _encode(
-    item: dict[str, Any], kind: str, size: int, skills: list[str] | None
+    item: dict[str, Any], kind: str, size: int, skills: list[str] | None, layout: Layout
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """One seed -> its rows (`common.build_rows`' encode step)."""
     seed = item["seed"]
-    scene = generate(seed, size)
+    scene = generate(seed, size, layout=layout)
     if kind == "vqa":  # the image is looked up in `_images` when a row is read
         return [
             {
-                "image": f"scenes/{size}/{seed}",
+                "image": "/".join(["scenes", str(size), *([str(layout)] if str(layout) else []), str(seed)]),
                 "question": qa.question,
                 "answers": [qa.answer],
                 "question_type": qa.skill,

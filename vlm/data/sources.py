@@ -10,10 +10,12 @@ bundled in Debian and PyPI packages (see `shared/DATA.md`) into captioned pairs,
 | flags         | iso-flags-png-320x240, iso-codes     | 224 / 32           | "the flag of France"      |
 | fashion_mnist | dataset-fashion-mnist                | 60,000 / 10,000    | "a photo of a sneaker"    |
 | easy-vqa      | easy-vqa (PyPI)                      | 3,971 / 988        | "a blue circle"           |
+| scenes        | none (generated; pictures as above)  | 20,000 / 1,000     | "A red square and a cat." |
 
-(cairosvg is from PyPI.) Every builder is `build(split="train", size=64, limit=None, *, cache=True)` and
-returns a `datasets.Dataset` with columns image (RGB, `size` x `size`), text and source, plus per-source
-metadata (`label` where there is a class). A source whose package is missing raises `SourceUnavailable`,
+(cairosvg is from PyPI; scenes are `vlm.data.scenes`' generated ones, drawn at 128 px and resized, their emoji
+and clip-art objects drawn as shapes where those packages are missing.) Every builder is
+`build(split="train", size=64, limit=None, *, cache=True)` and returns a `datasets.Dataset` with columns
+image (RGB, `size` x `size`), text and source, plus per-source metadata (`label` where there is a class). A source whose package is missing raises `SourceUnavailable`,
 whose message says what to install; `build_mixture` skips it with a one-line warning.
 
 Splits: Fashion-MNIST and easy-VQA have official train/test splits. The others have none, so a fixed 10%
@@ -35,7 +37,7 @@ import datasets
 import numpy as np
 from datasets import Image as ImageFeature
 
-from vlm.data import easy_vqa, emoji, fashion_mnist, flags, openclipart
+from vlm.data import easy_vqa, emoji, fashion_mnist, flags, openclipart, scenes
 from vlm.data.common import PAIR_FEATURES, SkipReport, SourceUnavailable, Split, skip_report, with_report
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ SOURCES = Registry(
         "flags": flags.build,
         "fashion_mnist": fashion_mnist.build,
         "easy-vqa": easy_vqa.build,
+        "scenes": scenes.build,  # generated: captions that name each object's colour, shape and number
     },
     aliases={"easy_vqa": "easy-vqa"},
 )
