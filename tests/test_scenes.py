@@ -542,6 +542,7 @@ def test_a_layout_draws_smaller_scenes_for_a_curriculum() -> None:
     # the questions are about them.
     default = open_data(DataSpec("vqa", "scenes", split="test", limit=20, subset="count"))
     rows = open_data(DataSpec("vqa", "scenes", split="test", limit=20, subset="objects=1-2,plain,count"))
+    assert len(rows) == 20
     for i in range(len(rows)):
         row = rows.dataset[i]
         scene = scenes.generate(row["seed"], layout=few)

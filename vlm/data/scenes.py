@@ -1763,9 +1763,10 @@ def load_rows(
 
 
 def _images_for(split: str, rows: int, skills: Sequence[str] | None, size: int, layout: Layout) -> int:
-    """How many images give `rows` questions. Every scene has QUESTIONS_PER_IMAGE of all skills; for some
-    skills only, the scenes' questions are counted (their descriptions are generated, not drawn)."""
-    if skills is None:
+    """How many images give `rows` questions. Every scene of the default layout has QUESTIONS_PER_IMAGE of all
+    skills; for some skills only, or smaller scenes, the scenes' questions are counted (their descriptions are
+    generated, not drawn)."""
+    if skills is None and layout == Layout():
         return -(-rows // QUESTIONS_PER_IMAGE)
     total = index = 0
     while total < rows:
