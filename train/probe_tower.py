@@ -30,9 +30,10 @@ from tqdm import tqdm
 from vlm.data import scenes
 from vlm.processing import SiglipImageProcessor
 from vlm.siglip import SiglipVisionEncoder
-from vlm.weights import load_vision_encoder
+from vlm.weights import load_vision_encoder, read_config
 
 TASKS = ("shape", "color", "count")
+SIGLIP_TYPES = ("siglip", "siglip_vision_model")  # what `load_vision_encoder` reads
 
 
 def task_scenes(task: str, split: str, n: int) -> list[scenes.Scene]:
@@ -58,20 +59,19 @@ def _group_order(group: str) -> tuple[int, int]:
 
 
 def load_tower(name: str) -> tuple[SiglipVisionEncoder, SiglipImageProcessor]:
-    """A VLM folder's tower and image processor, or a SigLIP checkpoint's tower and the default processor."""
-    if _is_vlm(Path(name)):
+    """A SigLIP checkpoint's tower (folder or hub id) with the default processor; from any other folder
+    `VisionLanguageModel.from_pretrained` reads (ours, a transformers or a nanoVLM VLM) its tower and its own
+    processor, one tile per image (a label is about the whole scene)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir() and read_config(folder).get("model_type") not in SIGLIP_TYPES:
         from vlm.model import VisionLanguageModel
 
         model = VisionLanguageModel.from_pretrained(name)
+        if model.config.image_layout == "idefics3" and model.config.image_processing.image_splitting:
+            model.set_image_splitting(False)
         return model.vision, model.processor
     encoder = load_vision_encoder(name)
     return encoder, SiglipImageProcessor(encoder.config.image_size)
-
-
-def _is_vlm(folder: Path) -> bool:
-    """A folder `VisionLanguageModel.save_pretrained` wrote (its config names a projector)."""
-    config = folder / "config.json"
-    return config.is_file() and "projector" in json.loads(config.read_text())
 
 
 def probe(
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         encoder, processor = load_tower(name)
         pixels = torch.cat([processor(images[i : i + 256]) for i in range(0, len(images), 256)])
+        if len(pixels) != len(images):
+            parser.error(f"{name} reads an image as several tiles; the probe needs one tile per image")
         start = time.perf_counter()
         predicted = probe(
             encoder, pixels, targets, args.train, args.steps, args.batch_size, args.lr, args.seed
