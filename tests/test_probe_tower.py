@@ -66,6 +66,25 @@ def test_a_tower_learns_colours_and_the_report_says_so(
     assert "| model | input | color |" in printed and f"{100 * result['accuracy']:.1f}%" in printed
 
 
+def test_a_frozen_tower_is_read_by_the_head_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--frozen: the tower's weights are what it loaded, and a linear head on its pooled patches still reads
+    colour well above chance (10%)."""
+    tower, processor = probe_tower.load_tower(SIGLIP)
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    drawn = probe_tower.task_scenes("color", "train", 240) + probe_tower.task_scenes("color", "test", 80)
+    answers = [probe_tower.labels("color", s)[0] for s in drawn]
+    targets = torch.tensor([sorted(set(answers)).index(a) for a in answers])
+    pixels = processor([scenes.render(s) for s in drawn])
+    predicted = probe_tower.probe(tower, pixels, targets, 240, 200, 32, 1e-2, 0, frozen=True)
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+    assert (predicted == targets[240:]).float().mean() > 0.5
+    out = tmp_path / "probe.json"
+    argv = [SIGLIP, "--task", "color", "--steps", "5", "--train", "40", "--test", "20", "--frozen"]
+    assert probe_tower.main([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["frozen"] is True
+    assert f"| {SIGLIP} (frozen) |" in capsys.readouterr().out
+
+
 def test_a_vlm_folder_gives_its_own_tower_and_processor(default_model) -> None:
     tower, processor = probe_tower.load_tower(str(ROOT / "vlm" / "default_model"))
     for ours, shipped in zip(

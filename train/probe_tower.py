@@ -83,27 +83,37 @@ def probe(
     batch_size: int,
     lr: float,
     seed: int,
+    frozen: bool = False,
 ) -> torch.Tensor:
-    """Train `encoder` and a linear head on `pixels[:n_train]`; the held-out rows' predicted classes."""
+    """Train `encoder` (unless `frozen`) and a linear head on `pixels[:n_train]`; the held-out rows'
+    predicted classes."""
     torch.manual_seed(seed)
     head = torch.nn.Linear(encoder.config.hidden_size, int(targets.max()) + 1)
-    params = [*encoder.parameters(), *head.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    encoder.requires_grad_(not frozen)
+    params = [*(() if frozen else encoder.parameters()), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
-    encoder.train()
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return encoder(x).last_hidden_state.mean(1)
+
+    if frozen:  # the features never change: each image's once, then a step is the head's alone
+        encoder.eval()
+        with torch.no_grad():
+            inputs, features = torch.cat([pooled(x) for x in pixels.split(256)]), torch.nn.Identity()
+    else:
+        encoder.train()
+        inputs, features = pixels, pooled
     for _ in tqdm(range(steps), desc="probe", leave=False):
         rows = torch.tensor(rng.sample(range(n_train), min(batch_size, n_train)))
-        logits = head(encoder(pixels[rows]).last_hidden_state.mean(1))
+        logits = head(features(inputs[rows]))
         loss = torch.nn.functional.cross_entropy(logits, targets[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     encoder.eval()
     with torch.no_grad():
-        held_out = pixels[n_train:].split(256)
-        return torch.cat([head(encoder(x).last_hidden_state.mean(1)).argmax(1) for x in held_out])
+        return torch.cat([head(features(x)).argmax(1) for x in inputs[n_train:].split(256)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=800, help="held-out test scenes")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--frozen", action="store_true", help="train only the head (a linear probe of the tower as it is)"
+    )
     parser.add_argument("--out", help="also write the results here as JSON")
     args = parser.parse_args(argv)
     for flag in ("steps", "batch_size", "train", "test"):
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} reads an image as several tiles; the probe needs one tile per image")
         start = time.perf_counter()
         predicted = probe(
-            encoder, pixels, targets, args.train, args.steps, args.batch_size, args.lr, args.seed
+            encoder, pixels, targets, args.train, args.steps, args.batch_size, args.lr, args.seed, args.frozen
         )
         seconds = time.perf_counter() - start
         right = predicted == targets[args.train :]
@@ -150,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": name,
                 "image_size": encoder.config.image_size,
                 "patch_size": encoder.config.patch_size,
+                "frozen": args.frozen,
                 "accuracy": right.float().mean().item(),
                 "by_group": by_group,
                 "seconds": seconds,
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         cells = " | ".join(f"{100 * r['by_group'][g]:.1f}%" for g in groups_seen)
         size = f"{r['image_size']} px / {r['patch_size']}"
-        print(f"| {r['model']} | {size} | {100 * r['accuracy']:.1f}% | {cells} | {r['samples_per_s']:.0f} |")
+        name = f"{r['model']} (frozen)" if r["frozen"] else r["model"]
+        print(f"| {name} | {size} | {100 * r['accuracy']:.1f}% | {cells} | {r['samples_per_s']:.0f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"task": args.task, **vars(args), "results": results}, indent=2))
     return 0
