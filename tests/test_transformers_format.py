@@ -328,6 +328,8 @@ def test_fine_tuning_starts_from_an_imported_checkpoint(checkpoints, tmp_path):
     final = tmp_path / "run" / "final"
     reloaded = VisionLanguageModel.from_pretrained(final)
     assert reloaded.config.lm_source == str(folder) and reloaded.config.image_layout == "idefics3"
+    card = (final / "README.md").read_text()  # the model's own LM and tower, not the config's defaults
+    assert f"- base LM: `{folder}`" in card and f"- vision tower: from {folder} (frozen)" in card
     batch = model.prepare([[user(QUESTION, [test_image(80, 40, seed=4)])]], for_generation=True)
     with torch.no_grad():
         expected = model(**_inputs(batch)).logits

@@ -585,14 +585,21 @@ def ship(run: Run, started: float) -> None:
             ("loss", "eval_accuracy", "eval_cider"),
             f"finetune {run.dir.name}",
         )
-        write_model_card(final, run.cfg, run.step, run.per_step, summary, time.perf_counter() - started)
+        write_model_card(
+            final, run.cfg, run.core.config.lm_source, run.step, run.per_step, summary,
+            time.perf_counter() - started,
+        )  # fmt: skip
         run.log(f"model saved to {final}")
     run.accelerator.wait_for_everyone()
 
 
 def write_model_card(
-    folder: Path, cfg: FinetuneConfig, steps: int, per_step: int, summary: dict, seconds: float
+    folder: Path, cfg: FinetuneConfig, lm: str, steps: int, per_step: int, summary: dict, seconds: float
 ) -> None:
+    """`README.md`: what the model is made of and how it was trained. `lm` is the model's own LM source: a run
+    that continues a saved model (`model.init`) has that model's LM and tower, not `cfg.model`'s."""
+    m = cfg.model
+    tower = f"from {m.init}" if m.init else m.vision or "trained from scratch here"
     sources = ", ".join(f"{s.kind}:{s.name}[{s.split}]" for s in cfg.data.train)
     lines = [
         "---",  # Hugging Face model-card front matter; the demo shows `datasets` as "trained on"
@@ -601,8 +608,8 @@ def write_model_card(
         "---",
         f"# {folder.parent.name}",
         "",
-        f"- base LM: `{cfg.model.lm}` (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}; target `{cfg.lora.target}`)",
-        f"- vision tower: {cfg.model.vision or 'trained from scratch here'} ({cfg.model.train_vision})",
+        f"- base LM: `{lm}` (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}; target `{cfg.lora.target}`)",
+        f"- vision tower: {tower} ({m.train_vision})",
         f"- data: {sources}",
         f"- steps: {steps} x {per_step} samples; training time {seconds / 60:.1f} min",
         f"- evaluation ({cfg.data.eval.name if cfg.data.eval else 'none'}): "
