@@ -74,12 +74,15 @@ def config(out: Path, lm: Path, **train) -> ft.FinetuneConfig:
 
 def tiny(cfg: ft.FinetuneConfig, out: Path, lm: Path, tower: Path | None, **train) -> ft.FinetuneConfig:
     """A YAML's config at tiny shapes with its flags kept: the tiny LM, a tiny tower (`tower`, when the YAML
-    names a pretrained one, else a fresh 32-px one), 8 rows a source, 4 evaluation questions, an evaluation
-    after every step when the YAML evaluates mid-run, a checkpoint and a log line every step."""
+    names a pretrained one, else a fresh 32-px one), a tiny saved model in place of a `model.init` (an earlier
+    recipe step's output), 8 rows a source, 4 evaluation questions, an evaluation after every step when the
+    YAML evaluates mid-run, a checkpoint and a log line every step."""
     needs_sources(cfg.data.train)
     shapes = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2)  # fmt: skip
     model = replace(cfg.model, lm=str(lm), **({"vision": str(tower)} if cfg.model.vision else shapes))
+    if cfg.model.init:
+        model = replace(model, init=str(saved_stand_in(out / "init", lm)))
     data = replace(
         cfg.data,
         train=tuple(replace(s, limit=min(s.limit or 8, 8)) for s in cfg.data.train),
@@ -89,6 +92,25 @@ def tiny(cfg: ft.FinetuneConfig, out: Path, lm: Path, tower: Path | None, **trai
     settings = dict(out_dir=str(out / "run"), steps=2, batch_size=2, eval_batch_size=4, checkpoint_every=1,
                     log_every=1, warmup_steps=1, eval_every=min(t.eval_every, 1))  # fmt: skip
     return replace(cfg, model=model, data=data, train=replace(t, **{**settings, **train}))
+
+
+def saved_stand_in(folder: Path, lm: Path) -> Path:
+    """What a recipe's earlier step saves (`runs/easyvqa_offline/final`: tower, pixel-shuffle projector with
+    the pooled token, LoRA adapter) at tiny shapes around the tiny LM in `lm`."""
+    from tiny import VISION
+
+    from vlm.lora import LoraSettings, add_lora, save_adapter
+    from vlm.model import DEFAULT_CONFIG
+
+    projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=VISION.hidden_size, text_hidden_size=48)
+    config = replace(DEFAULT_CONFIG, vision=VISION, projector=projector, lm_source=str(lm))
+    torch.manual_seed(3)
+    model = VisionLanguageModel.build(config)
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    add_lora(model, settings)
+    model.save_pretrained(folder)
+    save_adapter(model, folder / "adapter", settings)
+    return folder
 
 
 def shipped(out: Path, lm: Path, tower: Path, **train) -> ft.FinetuneConfig:
