@@ -70,7 +70,7 @@ def test_the_table_states_scores_and_bars() -> None:
     assert lines[0] == "| skill | test questions | score | bar |"
     assert lines[2:] == [
         "| count | 200 | 91.5% | 90% (met) |",
-        "| reading | 200 | 50.0% | 90% (missed) |",
+        "| reading | 200 | 50.0% | 90% (missed by 40.0 points) |",
         "| compare | 1,200 | 25.0% |  |",
         "| caption | 200 | CIDEr-D 1.23 |  |",
     ]

@@ -103,11 +103,15 @@ def evaluate_skills(
 
 
 def skill_table(scores: list[SkillScore]) -> str:
-    """A markdown table of `scores`: accuracies in percent, CIDEr-D as itself, and each bar met or not."""
+    """A markdown table of `scores`: accuracies in percent, CIDEr-D as itself, and each bar met or missed by
+    how many points (what issue 15 asks a card to say)."""
     lines = ["| skill | test questions | score | bar |", "|---|---|---|---|"]
     for s in scores:
         value = f"{100 * s.score:.1f}%" if s.metric == "accuracy" else f"CIDEr-D {s.score:.2f}"
-        bar = "" if s.bar is None else f"{100 * s.bar:.0f}% " + ("(met)" if s.met else "(missed)")
+        bar = ""
+        if s.bar is not None:
+            gap = "met" if s.met else f"missed by {100 * (s.bar - s.score):.1f} points"
+            bar = f"{100 * s.bar:.0f}% ({gap})"
         lines.append(f"| {s.skill} | {s.questions:,} | {value} | {bar} |")
     return "\n".join(lines)
 
