@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--frozen", action="store_true", help="train only the head (a linear probe of the tower as it is)"
+        "--frozen",
+        action="store_true",
+        help="train only the head (a linear probe of the tower as it is); a head alone wants a larger --lr, e.g. "
+        "1e-2 (shapes of the shipped tower, 1,000 steps: 43%% at 1e-2, 37.5%% at the default 3e-4)",
     )
     parser.add_argument("--out", help="also write the results here as JSON")
     args = parser.parse_args(argv)
