@@ -20,7 +20,7 @@ import pytest
 import torch
 from hf_models import hf_vision, save
 from PIL import Image
-from tiny import build
+from tiny import build, save_vlm
 
 import vlm.model
 from vlm.checks import (
@@ -36,7 +36,7 @@ from vlm.checks import (
 from vlm.cli import main
 from vlm.embeddings import Embeddings, embed_files, embed_images, save_embeddings
 from vlm.evaluate import evaluate_vqa, write_jsonl
-from vlm.lora import LoraSettings, add_lora, save_adapter, save_merged
+from vlm.lora import LoraSettings, add_lora, save_merged
 from vlm.model import ContextTooLong, VisionLanguageModel, VLMConfig
 from vlm.projector import ProjectorConfig
 from vlm.siglip import SiglipVisionConfig
@@ -60,10 +60,7 @@ def saved(parts, tmp_path_factory) -> SimpleNamespace:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)
-    model.save_pretrained(root / "vlm")
-    save_adapter(model, root / "vlm" / "adapter", settings)
-    config = json.loads((root / "vlm" / "config.json").read_text())
-    (root / "vlm" / "config.json").write_text(json.dumps({**config, "lm_source": str(lm_dir)}))
+    save_vlm(model, root / "vlm", lm_dir, settings)
     image = root / "red.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
     return SimpleNamespace(root=root, vlm=root / "vlm", tower=save(hf_vision(), root / "tower"), image=image)

@@ -133,20 +133,17 @@ def test_console_script_runs(checkpoint, images, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def saved(parts, tmp_path_factory):
     """A tiny VLM saved with a (random) LoRA adapter, its LM in a folder named by its config, and a picture."""
-    from tiny import build, images
+    from tiny import build, images, save_vlm
 
-    from vlm.lora import LoraSettings, add_lora, save_adapter
+    from vlm.lora import LoraSettings, add_lora
 
     root = tmp_path_factory.mktemp("saved")
     model = build(parts)
     settings = LoraSettings(r=2, alpha=4, dropout=0.0)
     add_lora(model, settings)
-    model.save_pretrained(root / "m")
-    save_adapter(model, root / "m" / "adapter", settings)
+    save_vlm(model, root / "m", root / "lm", settings)
     parts[0].save_pretrained(root / "lm")
     parts[1].save_pretrained(root / "lm")
-    config = json.loads((root / "m" / "config.json").read_text())
-    (root / "m" / "config.json").write_text(json.dumps({**config, "lm_source": str(root / "lm")}))
     for n, picture in enumerate(images(3)):
         picture.save(root / f"picture{n}.png")
     return root

@@ -97,9 +97,9 @@ def tiny(cfg: ft.FinetuneConfig, out: Path, lm: Path, tower: Path | None, **trai
 def saved_stand_in(folder: Path, lm: Path) -> Path:
     """What a recipe's earlier step saves (`runs/easyvqa_offline/final`: tower, pixel-shuffle projector with
     the pooled token, LoRA adapter) at tiny shapes around the tiny LM in `lm`."""
-    from tiny import VISION
+    from tiny import VISION, save_vlm
 
-    from vlm.lora import LoraSettings, add_lora, save_adapter
+    from vlm.lora import LoraSettings, add_lora
     from vlm.model import DEFAULT_CONFIG
 
     projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=VISION.hidden_size, text_hidden_size=48)
@@ -108,9 +108,7 @@ def saved_stand_in(folder: Path, lm: Path) -> Path:
     model = VisionLanguageModel.build(config)
     settings = LoraSettings(r=4, alpha=8, dropout=0.0)
     add_lora(model, settings)
-    model.save_pretrained(folder)
-    save_adapter(model, folder / "adapter", settings)
-    return folder
+    return save_vlm(model, folder, lm, settings)
 
 
 def shipped(out: Path, lm: Path, tower: Path, **train) -> ft.FinetuneConfig:

@@ -41,13 +41,9 @@ def _cpu(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def saved_model(parts, tiny_lm_folder, tmp_path_factory) -> Path:
     """A tiny VLM saved to a folder, its LM the tiny one's folder."""
-    from tiny import build
+    from tiny import build, save_vlm
 
-    folder = tmp_path_factory.mktemp("vlm") / "m"
-    build(parts).save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "lm_source": str(tiny_lm_folder)}))
-    return folder
+    return save_vlm(build(parts), tmp_path_factory.mktemp("vlm") / "m", tiny_lm_folder)
 
 
 def write_images(folder: Path) -> list[str]:

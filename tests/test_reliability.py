@@ -18,11 +18,11 @@ from bad_files import bomb_png
 from hf_models import hf_vision, save
 from PIL import Image
 from scripts import load_script
-from tiny import build
+from tiny import build, save_vlm
 
 from vlm.cli import main
 from vlm.conversation import user
-from vlm.lora import LoraSettings, add_lora, save_adapter
+from vlm.lora import LoraSettings, add_lora
 from vlm.model import ContextTooLong, VisionLanguageModel
 from vlm.processing import ImageLoadError, load_image
 from vlm.serving import BatchedGenerator
@@ -62,11 +62,9 @@ def world(parts, tmp_path_factory) -> World:
     parts[0].save_pretrained(lm_dir)
     parts[1].save_pretrained(lm_dir)
     model = build(parts)
-    add_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0))
-    model.save_pretrained(root / "vlm")
-    save_adapter(model, root / "vlm" / "adapter", LoraSettings(r=2, alpha=4, dropout=0.0))
-    config = json.loads((root / "vlm" / "config.json").read_text())
-    (root / "vlm" / "config.json").write_text(json.dumps({**config, "lm_source": str(lm_dir)}))
+    settings = LoraSettings(r=2, alpha=4, dropout=0.0)
+    add_lora(model, settings)
+    config = json.loads((save_vlm(model, root / "vlm", lm_dir, settings) / "config.json").read_text())
     tower = save(hf_vision(), root / "tower")
 
     good = root / "good.png"

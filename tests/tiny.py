@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from vlm.lora import LoraSettings, save_adapter
 from vlm.model import VisionLanguageModel, VLMConfig
 from vlm.projector import ProjectorConfig
 from vlm.siglip import SiglipVisionConfig
@@ -46,6 +48,17 @@ def build(parts, **overrides) -> VisionLanguageModel:
     config = VLMConfig(vision=VISION, projector=projector, lm_source="unused-in-tests", **overrides)
     torch.manual_seed(2)
     return VisionLanguageModel.build(config, lm=(copy.deepcopy(lm), copy.deepcopy(tokenizer)))
+
+
+def save_vlm(model: VisionLanguageModel, folder: Path, lm: Path, lora: LoraSettings | None = None) -> Path:
+    """`model` saved to `folder` so that it reloads: its config names the folder `lm` as its LM (a tiny model
+    is built around LM parts, not from a source), and with `lora` its adapter goes to `folder/adapter`."""
+    model.save_pretrained(folder)
+    if lora is not None:
+        save_adapter(model, folder / "adapter", lora)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "lm_source": str(lm)}))
+    return folder
 
 
 def images(n: int) -> list[Image.Image]:
