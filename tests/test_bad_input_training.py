@@ -171,6 +171,15 @@ def test_the_scripts_exit_2_with_one_line_before_any_work(script, arg, key, tmp_
     assert captured.out == "" and not out.exists()  # refused before the run printed or made anything
 
 
+@pytest.mark.parametrize("key", ["init", "init_vision"])
+def test_pretraining_from_a_missing_folder_is_refused_before_any_work(key, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert pt.main([f"--train.out_dir={out}", f"--model.{key}={tmp_path / 'no-such-model'}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(f"error: model.{key} = ") and "no such folder" in captured.err
+    assert captured.out == "" and not out.exists()
+
+
 @pytest.mark.parametrize("script", [ft, pt], ids=["finetune", "pretrain"])
 def test_as_a_command_a_bad_value_is_one_line_and_exit_2(script, tmp_path) -> None:
     """As a user runs it: a fresh process, which loads no model or data before refusing."""

@@ -369,6 +369,79 @@ def test_train_vision_lora_adapts_only_the_towers_q_and_v_and_reloads(
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch))
 
 
+def test_a_vlms_tower_pretrained_further_goes_back_into_it(tmp_path, tiny_lm_folder) -> None:
+    """pretrain_siglip's `model.init_vision` starts the dual encoder's tower as a VLM's tower (a fresh text
+    tower around it), and finetune's `model.init` + `model.vision` puts the tower it trained back into that
+    VLM: projector and adapter as saved, the tower the new one. A tower of another shape is refused."""
+    from hf_models import hf_vision, save
+
+    from vlm.weights import CheckpointError
+
+    folder = saved_stand_in(tmp_path / "vlm", tiny_lm_folder)
+    saved = VisionLanguageModel.from_pretrained(folder)
+    text = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, max_position_embeddings: 8, vocab_size: 300}"
+    pretrain = [
+        f"--model.init_vision={folder}", f"--model.text={text}", "--data.train=[{name: easy-vqa, limit: 16}]",
+        "--eval.zero_shot_limit=0", "--eval.retrieval=[]", "--eval.easy_vqa_limit=0", "--train.steps=2",
+        "--train.batch_size=8", "--train.warmup_steps=1", "--train.bf16=false", "--train.lr=1e-3",
+    ]  # fmt: skip
+    start = pt.setup(
+        load_config(pt.PretrainConfig, None, [*pretrain, f"--train.out_dir={tmp_path / 'start'}"]), False
+    )
+    want = saved.vision.state_dict()
+    assert start.core.config.vision_config == saved.config.vision
+    for key, value in start.core.vision_model.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    siglip = tmp_path / "siglip"
+    pt.train(load_config(pt.PretrainConfig, None, [*pretrain, f"--train.out_dir={siglip}"]))
+    assert "the vision tower from" in (siglip / "final" / "README.md").read_text()
+    further = load_vision_encoder(siglip / "final" / "vision").state_dict()
+    assert not all(torch.equal(further[k], want[k]) for k in want)  # the pretraining moved it
+
+    cfg = load_config(
+        ft.FinetuneConfig, None, [f"--model.init={folder}", f"--model.vision={siglip / 'final' / 'vision'}"]
+    )
+    model = ft.build_model(cfg)
+    for key, value in model.vision.state_dict().items():
+        assert torch.equal(value, further[key]), key
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(value, saved.projector.state_dict()[key]), key
+    other = save(hf_vision(num_hidden_layers=1), tmp_path / "one-layer")
+    with pytest.raises(CheckpointError, match="not shaped like model.init's"):
+        ft.build_model(replace(cfg, model=replace(cfg.model, vision=str(other))))
+
+
+def test_a_tower_without_a_pooling_head_gets_a_fresh_one_for_siglip(tmp_path) -> None:
+    """SmolVLM's and nanoVLM's towers have no pooling head; the sigmoid loss compares pooled embeddings, so
+    the dual encoder keeps its own fresh head and takes every other tensor from the tower. A tower the text
+    tower cannot be compared with is refused."""
+    from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
+    from vlm.siglip_model import SiglipConfig, SiglipModel
+    from vlm.siglip_text import SiglipTextConfig
+    from vlm.weights import CheckpointError
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)  # fmt: skip
+    text = SiglipTextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=99, max_position_embeddings=8, projection_size=32)  # fmt: skip
+    dual = SiglipModel(SiglipConfig(text, vision))
+    headless = SiglipVisionEncoder(replace(vision, vision_use_head=False, num_hidden_layers=3))
+    out = pt.with_tower(dual, headless, "headless")
+    assert out.config.vision_config == replace(vision, num_hidden_layers=3)
+    tower, ours = headless.state_dict(), out.vision_model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in tower.items())
+    assert all(
+        torch.equal(ours[k], v) for k, v in dual.vision_model.state_dict().items() if k.startswith("head.")
+    )
+    assert all(
+        torch.equal(v, dual.text_model.state_dict()[k]) for k, v in out.text_model.state_dict().items()
+    )
+    with pytest.raises(CheckpointError, match="48 wide"):
+        pt.with_tower(
+            dual, SiglipVisionEncoder(replace(vision, hidden_size=48, intermediate_size=96)), "wide"
+        )
+
+
 def test_rows_over_max_length_are_skipped_and_counted(tmp_path, tiny_lm_folder, capsys) -> None:
     from PIL import Image
 

@@ -11,6 +11,7 @@ import torch
 from scripts import ROOT, load_script
 
 from vlm.data import scenes
+from vlm.model import load_vision_tower
 
 probe_tower = load_script("probe_tower")
 SIGLIP = str(ROOT / "vlm" / "default_siglip")
@@ -69,7 +70,7 @@ def test_a_tower_learns_colours_and_the_report_says_so(
 def test_a_frozen_tower_is_read_by_the_head_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--frozen: the tower's weights are what it loaded, and a linear head on its pooled patches still reads
     colour well above chance (10%)."""
-    tower, processor = probe_tower.load_tower(SIGLIP)
+    tower, processor = load_vision_tower(SIGLIP)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
     drawn = probe_tower.task_scenes("color", "train", 240) + probe_tower.task_scenes("color", "test", 80)
     answers = [probe_tower.labels("color", s)[0] for s in drawn]
@@ -86,14 +87,14 @@ def test_a_frozen_tower_is_read_by_the_head_alone(tmp_path: Path, capsys: pytest
 
 
 def test_a_vlm_folder_gives_its_own_tower_and_processor(default_model) -> None:
-    tower, processor = probe_tower.load_tower(str(ROOT / "vlm" / "default_model"))
+    tower, processor = load_vision_tower(str(ROOT / "vlm" / "default_model"))
     for ours, shipped in zip(
         tower.state_dict().values(), default_model.vision.state_dict().values(), strict=True
     ):
         assert torch.equal(ours, shipped)
     image = scenes.render(scenes.generate(0))
     assert torch.equal(processor(image), default_model.processor(image))
-    siglip, _ = probe_tower.load_tower(SIGLIP)
+    siglip, _ = load_vision_tower(SIGLIP)
     assert siglip.config.image_size == 64
 
 

@@ -62,10 +62,10 @@ from vlm.data.common import SkipReport, SourceUnavailable  # noqa: E402
 from vlm.data.named import DataError, DataSpec, Rows, open_data  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
-from vlm.model import Batch, VisionLanguageModel, VLMConfig  # noqa: E402
+from vlm.model import Batch, VisionLanguageModel, VLMConfig, load_vision_tower  # noqa: E402
 from vlm.pipeline import StepBatches, default_workers, prepare_ahead, step_loader  # noqa: E402
 from vlm.projector import ProjectorConfig, check_divisible  # noqa: E402
-from vlm.siglip import SiglipVisionConfig  # noqa: E402
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder  # noqa: E402
 from vlm.training import (  # noqa: E402
     MetricsLog,
     Progress,
@@ -84,7 +84,7 @@ from vlm.training import (  # noqa: E402
     save_checkpoint,
     set_lr,
 )
-from vlm.weights import load_vision_encoder  # noqa: E402
+from vlm.weights import CheckpointError, load_strict  # noqa: E402
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -96,7 +96,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ModelSection(Checked):
     init: str | None = None  # a saved VLM folder to continue from; else one is built from the fields below
-    vision: str | None = None  # a SigLIP checkpoint (hub id or folder) for the tower; else a fresh tower
+    # the tower: a SigLIP checkpoint (hub id or folder) or a VLM folder's tower (`vlm.model.load_vision_tower`);
+    # else a fresh one. With `init` it replaces init's tower, which it must be shaped like (e.g. init's tower
+    # pretrained further by train/pretrain_siglip.py's `model.init_vision`).
+    vision: str | None = None
     image_size: int = checked(64, AT_LEAST_ONE)  # fresh tower only
     patch_size: int = checked(8, AT_LEAST_ONE)
     hidden_size: int = checked(192, AT_LEAST_ONE)
@@ -263,15 +266,18 @@ def open_sources(cfg: FinetuneConfig) -> tuple[list[Rows], Rows | None]:
 
 
 def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
-    """The VLM `cfg.model` describes, before LoRA: from `init` (with its adapter, if it has one), or built
-    from a tower (`vision`, else a fresh one), a fresh projector and the LM `lm`."""
+    """The VLM `cfg.model` describes, before LoRA: from `init` (with its adapter, if it has one; its tower
+    replaced by `vision`'s when that is named), or built from a tower (`vision`, else a fresh one), a fresh
+    projector and the LM `lm`."""
     m = cfg.model
     freeze = ("lm",) if m.train_vision == "full" else ("vision", "lm")
+    vision = load_vision_tower(m.vision)[0] if m.vision else None
     if m.init is not None:  # its adapter/, when there is one, comes with it
         model = VisionLanguageModel.from_pretrained(m.init, quantization=m.quantization)
         model.config = replace(model.config, freeze=freeze)
+        if vision is not None:
+            swap_tower(model, vision, m.vision)
         return model
-    vision = load_vision_encoder(m.vision) if m.vision else None
     vision_config = vision.config if vision is not None else SiglipVisionConfig(
         hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads, image_size=m.image_size, patch_size=m.patch_size,
@@ -295,6 +301,24 @@ def build_model(cfg: FinetuneConfig) -> VisionLanguageModel:
     if vision is not None:
         model.vision.load_state_dict(vision.state_dict())
     return model
+
+
+def swap_tower(model: VisionLanguageModel, tower: SiglipVisionEncoder, source: str) -> None:
+    """`tower`'s weights into `model`'s tower, strictly. Same shape only: the projector reads its features and
+    the processor sizes its images. A pooling head `model`'s tower has no use for (a SigLIP pretraining adds
+    one) is left out; one it has and `tower` lacks is an error."""
+    ours = model.config.vision
+    if replace(tower.config, vision_use_head=ours.vision_use_head) != ours or (
+        ours.vision_use_head and not tower.config.vision_use_head
+    ):
+        raise CheckpointError(
+            f"model.vision: the tower in {source} ({tower.config}) is not shaped like model.init's ({ours}); a "
+            "tower of another shape wants a fresh projector: drop model.init"
+        )
+    state = tower.state_dict()
+    if not ours.vision_use_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    load_strict(model.vision, state, f"the vision tower in {source}")
 
 
 def lora_settings(cfg: FinetuneConfig) -> LoraSettings:
@@ -599,7 +623,7 @@ def write_model_card(
     """`README.md`: what the model is made of and how it was trained. `lm` is the model's own LM source: a run
     that continues a saved model (`model.init`) has that model's LM and tower, not `cfg.model`'s."""
     m = cfg.model
-    tower = f"from {m.init}" if m.init else m.vision or "trained from scratch here"
+    tower = m.vision or (f"from {m.init}" if m.init else "trained from scratch here")
     sources = ", ".join(f"{s.kind}:{s.name}[{s.split}]" for s in cfg.data.train)
     lines = [
         "---",  # Hugging Face model-card front matter; the demo shows `datasets` as "trained on"

@@ -4,7 +4,9 @@
     accelerate launch --num_processes 2 train/pretrain_siglip.py CONFIG      # DDP (CPU: gloo, GPU: NCCL)
 
 One flat loop, the shape of `train/finetune.py`: setup -> fit -> evaluate. From scratch, or from a saved
-dual encoder (`--model.init=DIR`, with its tokenizer). Re-running the same command (or --resume) continues
+dual encoder (`--model.init=DIR`, with its tokenizer), and/or with the vision tower of another checkpoint
+(`--model.init_vision=DIR`: a SigLIP checkpoint, or a VLM's tower — pretrain a VLM's tower further, then put
+it back with finetune's `model.init` + `model.vision`). Re-running the same command (or --resume) continues
 from the newest complete checkpoint in the run folder: model, tokenizer, optimizer, RNG and data position
 are restored, so the continued run takes the steps an uninterrupted one would. Without a CONFIG the defaults
 below apply; every value is checked against its rule, and the data files named must exist, before anything
@@ -45,7 +47,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -79,8 +81,9 @@ from vlm.config import (  # noqa: E402
 )
 from vlm.data import SOURCES, SourceUnavailable, skip_report  # noqa: E402
 from vlm.losses import chunked_sigmoid_loss  # noqa: E402
+from vlm.model import load_vision_tower  # noqa: E402
 from vlm.processing import SiglipImageProcessor  # noqa: E402
-from vlm.siglip import SiglipVisionConfig  # noqa: E402
+from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder  # noqa: E402
 from vlm.siglip_eval import SiglipEvaluator  # noqa: E402
 from vlm.siglip_model import SiglipConfig, SiglipModel  # noqa: E402
 from vlm.siglip_text import SiglipTextConfig  # noqa: E402
@@ -102,7 +105,13 @@ from vlm.training import (  # noqa: E402
     save_checkpoint,
     set_lr,
 )
-from vlm.weights import load_siglip_model, save_siglip_model, save_vision_encoder  # noqa: E402
+from vlm.weights import (  # noqa: E402
+    CheckpointError,
+    load_siglip_model,
+    load_strict,
+    save_siglip_model,
+    save_vision_encoder,
+)
 from vlm.zeroshot import tokenize  # noqa: E402
 
 if TYPE_CHECKING:
@@ -149,6 +158,10 @@ class TextSection(Checked):
 @dataclass(frozen=True)
 class ModelSection:
     init: str | None = None  # a dual encoder folder WITH its tokenizer (e.g. a run's final/); else fresh
+    # the vision tower to start from, any checkpoint `vlm.model.load_vision_tower` reads (a SigLIP one, or a VLM
+    # folder's tower); it replaces init's tower, or a fresh text tower is built around it (its shape, not
+    # `vision`'s). A tower without a pooling head (SmolVLM's, nanoVLM's) gets a fresh one.
+    init_vision: str | None = None
     vision: VisionSection = field(default_factory=VisionSection)
     text: TextSection = field(default_factory=TextSection)
 
@@ -237,6 +250,10 @@ def check_files(cfg: PretrainConfig) -> None:
     """The local data files and folders `cfg` names exist (`ConfigError` naming the key otherwise), and the run
     folder can be one: checked before anything loads."""
     require_folder("train.out_dir", cfg.train.out_dir)
+    for key in ("init", "init_vision"):
+        name = getattr(cfg.model, key)
+        if name is not None and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+            require_path(f"model.{key}", name, "folder")  # a hub id `owner/name` is resolved when loaded
     for i, source in enumerate(cfg.data.train):
         source.check_file(f"data.train[{i}].name")
     for i, source in enumerate(cfg.eval.retrieval):
@@ -272,19 +289,60 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTr
     )
 
 
-def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> SiglipModel:
-    """A fresh dual encoder shaped by `cfg.model`, its vocabulary and special ids taken from `tokenizer`."""
-    v, t = cfg.model.vision, cfg.model.text
-    vision = SiglipVisionConfig(**asdict(v))
+def build_model(
+    cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase, vision: SiglipVisionConfig | None = None
+) -> SiglipModel:
+    """A fresh dual encoder shaped by `cfg.model` (the tower by `vision` when given), its vocabulary and
+    special ids taken from `tokenizer`."""
+    t = cfg.model.text
+    vision = (
+        replace(vision, vision_use_head=True) if vision else SiglipVisionConfig(**asdict(cfg.model.vision))
+    )
     text = SiglipTextConfig(
         **{k: val for k, val in asdict(t).items() if k != "vocab_size"},
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,  # no BOS: texts end in </s>, then <pad> up to the fixed length
         eos_token_id=tokenizer.eos_token_id,
-        projection_size=v.hidden_size,
+        projection_size=vision.hidden_size,
     )
     return SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+
+
+def with_tower(model: SiglipModel, tower: SiglipVisionEncoder, source: str) -> SiglipModel:
+    """`model` with `tower`'s weights as its vision tower (its shape too), text tower and logit scale and
+    bias kept. A tower without a pooling head keeps `model`'s head (fresh, or the one `model.init` trained):
+    the sigmoid loss compares pooled embeddings."""
+    text = model.config.text_config
+    if text.projection_size != tower.config.hidden_size:
+        raise CheckpointError(
+            f"model.init_vision: the tower in {source} is {tower.config.hidden_size} wide, the text tower "
+            f"projects to {text.projection_size}; start the text tower fresh (no model.init) to pair them"
+        )
+    vision = replace(tower.config, vision_use_head=True)
+    out = model if vision == model.config.vision_config else SiglipModel(SiglipConfig(text, vision))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_model.")}
+    state |= {f"vision_model.{k}": v for k, v in tower.state_dict().items()}
+    if not tower.config.vision_use_head:
+        state |= {k: v for k, v in model.state_dict().items() if k.startswith("vision_model.head.")}
+    load_strict(out, state, f"the vision tower in {source}")
+    return out
+
+
+def start_tower(name: str | None, log: Callable[[str], None]) -> SiglipVisionEncoder | None:
+    """`model.init_vision`'s tower, or None. Its images must be normalised as SigLIP's (mean = std = 0.5):
+    that is how the pretraining prepares them."""
+    if not name:
+        return None
+    tower, processor = load_vision_tower(name)
+    if tuple(processor.mean) != (0.5,) * 3 or tuple(processor.std) != (0.5,) * 3:
+        raise CheckpointError(
+            f"model.init_vision: {name} normalises images with mean {processor.mean} and std {processor.std}; "
+            "this pretraining normalises as SigLIP does (0.5, 0.5)"
+        )
+    head = "" if tower.config.vision_use_head else " (no pooling head: the dual encoder keeps its own)"
+    log(f"vision tower from {name}{head}")
+    return tower
 
 
 def load_source(source: Source, size: int) -> datasets.Dataset:
@@ -448,7 +506,11 @@ def setup(cfg: PretrainConfig, resume: bool) -> Run:
     ckpt = resume_point(run_dir, resume, to_dict(cfg), log)
     # a checkpoint or `init` brings its own tokenizer, and its shapes (then cfg.model's are not used)
     model, tokenizer = load_init(ckpt or cfg.model.init, log)
-    size = model.config.vision_config.image_size if model is not None else cfg.model.vision.image_size
+    tower = None if ckpt else start_tower(cfg.model.init_vision, log)  # a checkpoint has its tower
+    if model is not None and tower is not None:
+        model = with_tower(model, tower, str(cfg.model.init_vision))
+    vision = model.config.vision_config if model is not None else tower.config if tower else cfg.model.vision
+    size = vision.image_size
     log(f"training data at {size} px:")
     sources = load_sources(cfg.data.train, size, log)
     if not sources:
@@ -458,7 +520,9 @@ def setup(cfg: PretrainConfig, resume: bool) -> Run:
     if model is None:
         tokenizer = shared_tokenizer(cfg, sources, accelerator)
         torch.manual_seed(t.seed)  # the same initial weights whatever ran before
-        model = build_model(cfg, tokenizer)
+        model = build_model(cfg, tokenizer, tower.config if tower else None)
+        if tower is not None:
+            model = with_tower(model, tower, str(cfg.model.init_vision))
     model.train()
     length = model.config.text_config.max_position_embeddings
     params = sum(p.numel() for p in model.parameters())
@@ -599,8 +663,12 @@ def write_model_card(
     sources = ", ".join(
         f"{s.name}[{s.split}]" + (f" x{s.weight:g}" if s.weight != 1 else "") for s in cfg.data.train
     )
+    m = cfg.model
+    start = f"from {m.init}" if m.init else "from scratch"
+    if m.init_vision:
+        start += f", the vision tower from {m.init_vision}"
     lines = [
-        f"# {folder.parent.name}: a small SigLIP dual encoder trained here, from scratch",
+        f"# {folder.parent.name}: a small SigLIP dual encoder trained here, {start}",
         "",
         f"- vision: {v.image_size} px, patch {v.patch_size}, {v.num_hidden_layers} layers x {v.hidden_size} "
         f"({v.num_attention_heads} heads), MAP head",

@@ -12,7 +12,7 @@ hundreds of steps a scene answer may still come from the question's prior, which
 tower. Trained alone, the tower learns ~20x more samples a second, and what it reaches says what its
 resolution and pretraining let it see, before anyone spends a VLM run on it. A MODEL is a VLM folder
 (`vlm/default_model`, a run's `final/`: its tower and its own image processor) or any SigLIP checkpoint
-`vlm.weights.load_vision_encoder` reads (a dual encoder, a `SiglipVisionModel`, a hub id).
+`vlm.model.load_vision_tower` reads (a dual encoder, a `SiglipVisionModel`, a hub id).
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ import torch
 from tqdm import tqdm
 
 from vlm.data import scenes
-from vlm.processing import SiglipImageProcessor
+from vlm.model import load_vision_tower
 from vlm.siglip import SiglipVisionEncoder
-from vlm.weights import load_vision_encoder, read_config
 
 TASKS = ("shape", "color", "count")
-SIGLIP_TYPES = ("siglip", "siglip_vision_model")  # what `load_vision_encoder` reads
 
 
 def task_scenes(task: str, split: str, n: int) -> list[scenes.Scene]:
@@ -56,22 +54,6 @@ def labels(task: str, scene: scenes.Scene) -> tuple[str, str]:
 def _group_order(group: str) -> tuple[int, int]:
     """Sizes small to large, counts 1 to 8."""
     return (0, list(scenes.SIZES).index(group)) if group in scenes.SIZES else (1, int(group))
-
-
-def load_tower(name: str) -> tuple[SiglipVisionEncoder, SiglipImageProcessor]:
-    """A SigLIP checkpoint's tower (folder or hub id) with the default processor; from any other folder
-    `VisionLanguageModel.from_pretrained` reads (ours, a transformers or a nanoVLM VLM) its tower and its own
-    processor, one tile per image (a label is about the whole scene)."""
-    folder = Path(name).expanduser()
-    if folder.is_dir() and read_config(folder).get("model_type") not in SIGLIP_TYPES:
-        from vlm.model import VisionLanguageModel
-
-        model = VisionLanguageModel.from_pretrained(name)
-        if model.config.image_layout == "idefics3" and model.config.image_processing.image_splitting:
-            model.set_image_splitting(False)
-        return model.vision, model.processor
-    encoder = load_vision_encoder(name)
-    return encoder, SiglipImageProcessor(encoder.config.image_size)
 
 
 def probe(
@@ -146,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.task}: {args.train} training and {args.test} test scenes, {len(classes)} classes")
     results = []
     for name in args.models:
-        encoder, processor = load_tower(name)
+        encoder, processor = load_vision_tower(name)
         pixels = torch.cat([processor(images[i : i + 256]) for i in range(0, len(images), 256)])
         if len(pixels) != len(images):
             parser.error(f"{name} reads an image as several tiles; the probe needs one tile per image")

@@ -67,6 +67,7 @@ from vlm.weights import (
     atomic_folder,
     check_output_folder,
     load_strict,
+    load_vision_encoder,
     read_config,
     read_safetensors,
     resolve_checkpoint,
@@ -1112,6 +1113,24 @@ def load_default_model(
         )
     torch.manual_seed(0)
     return _placed(VisionLanguageModel.build(DEFAULT_CONFIG, dtype=dtype, quantization=quantization), device)
+
+
+SIGLIP_TYPES = ("siglip", "siglip_vision_model")  # the checkpoints `load_vision_encoder` reads
+
+
+def load_vision_tower(name: str | Path) -> tuple[SiglipVisionEncoder, SiglipImageProcessor]:
+    """The vision tower of any checkpoint vlm reads, with the processor its images want. A SigLIP checkpoint
+    (a dual encoder or a `SiglipVisionModel`, folder or hub id) comes with SigLIP's default processor; any
+    other folder is read by `VisionLanguageModel.from_pretrained` (ours, a transformers or a nanoVLM VLM; its
+    LM loads too, then is dropped) and its tower comes with the VLM's own processor, one tile per image."""
+    folder = Path(name).expanduser()
+    if folder.is_dir() and read_config(folder).get("model_type") not in SIGLIP_TYPES:
+        model = VisionLanguageModel.from_pretrained(folder)
+        if model.config.image_layout == "idefics3" and model.config.image_processing.image_splitting:
+            model.set_image_splitting(False)
+        return model.vision, model.processor
+    encoder = load_vision_encoder(name)
+    return encoder, SiglipImageProcessor(encoder.config.image_size)
 
 
 class ContextTooLong(ValueError):
