@@ -67,7 +67,7 @@ def checked_fields(cls: type) -> list[tuple[str, dataclasses.Field, Rule]]:
 # Fields with no single-value rule, and why: anything else of type int, float or str must carry one.
 NO_RULE = {
     "model.vision_feature_layer",  # negative counts from the end; its range is a cross-field rule of ModelSection
-    "model.init", "model.vision", "model.system_prompt",  # optional; folders are checked by their loaders
+    "model.init", "model.vision", "model.init_vision", "model.system_prompt",  # optional; folders: before loading
     "data.train.columns", "data.eval.columns",  # a mapping, checked against the kind's fields by Source
 }  # fmt: skip
 # A value that breaks each rule (a float for float fields, an int for int fields).

@@ -448,7 +448,8 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
     accelerator = make_accelerator(t.bf16, t.seed)
     log, run_dir = accelerator.print, Path(t.out_dir)
     ckpt = resume_point(run_dir, resume, to_dict(cfg), log)
-    model = build_model(replace(cfg, model=replace(cfg.model, init=str(ckpt))) if ckpt else cfg)
+    # a checkpoint holds the whole model: its tower is not replaced by `model.vision` again
+    model = build_model(replace(cfg, model=replace(cfg.model, init=str(ckpt), vision=None)) if ckpt else cfg)
     settings = lora_settings(cfg)
     make_trainable(model, settings, t.gradient_checkpointing)
     log_trainable(model, log)
