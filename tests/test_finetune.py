@@ -411,9 +411,9 @@ def test_a_vlms_tower_pretrained_further_goes_back_into_it(tmp_path, tiny_lm_fol
         ft.build_model(replace(cfg, model=replace(cfg.model, vision=str(other))))
 
 
-def test_a_tower_without_a_pooling_head_gets_a_fresh_one_for_siglip(tmp_path) -> None:
+def test_a_tower_without_a_pooling_head_keeps_the_dual_encoders(tmp_path) -> None:
     """SmolVLM's and nanoVLM's towers have no pooling head; the sigmoid loss compares pooled embeddings, so
-    the dual encoder keeps its own fresh head and takes every other tensor from the tower. A tower the text
+    the dual encoder keeps its own head and takes every other tensor from the tower. A tower the text
     tower cannot be compared with is refused."""
     from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
     from vlm.siglip_model import SiglipConfig, SiglipModel

@@ -160,7 +160,8 @@ class ModelSection:
     init: str | None = None  # a dual encoder folder WITH its tokenizer (e.g. a run's final/); else fresh
     # the vision tower to start from, any checkpoint `vlm.model.load_vision_tower` reads (a SigLIP one, or a VLM
     # folder's tower); it replaces init's tower, or a fresh text tower is built around it (its shape, not
-    # `vision`'s). A tower without a pooling head (SmolVLM's, nanoVLM's) gets a fresh one.
+    # `vision`'s). A tower without a pooling head (SmolVLM's, nanoVLM's) keeps the dual encoder's (fresh
+    # without `init`).
     init_vision: str | None = None
     vision: VisionSection = field(default_factory=VisionSection)
     text: TextSection = field(default_factory=TextSection)
