@@ -320,7 +320,26 @@ def test_finetune_skips_and_counts_unreadable_images_and_finishes(
     assert len(losses) == 12 // batch_size and all(0 < x < 100 for x in losses)
 
 
-# -- the GGUF conversion's temporary folders ----------------------------------------------------------------------
+# -- the GGUF conversion's cache and its temporary folders --------------------------------------------------------
+
+
+def test_the_same_gguf_in_another_environment_reuses_its_conversion(tmp_path, monkeypatch) -> None:
+    """Each fresh virtual environment installs the GGUF file at a new path with a new modification time; a key
+    over those made every one of them convert (517 MB each) again."""
+    monkeypatch.setenv("VLM_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "env1" / "model.gguf"
+    again = tmp_path / "env2" / "model.gguf"
+    other = tmp_path / "env3" / "model.gguf"
+    for path, content in ((first, b"GGUF weights"), (again, b"GGUF weights"), (other, b"GGUF other weights")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(again, (time.time() + 60, time.time() + 60))
+
+    converted = lm.converted_folder(first)
+    assert lm.converted_folder(again) == converted and lm.converted_folder(other) != converted
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assert lm.gguf_to_folder(again) == converted  # found, not converted again (this file is no real GGUF)
 
 
 def test_orphaned_conversion_folders_are_removed_and_live_ones_kept(tmp_path, monkeypatch) -> None:
