@@ -233,8 +233,11 @@ def _stamp(path: Path) -> tuple[int, int]:
 def _content_key(path: Path, size: int, mtime_ns: int) -> str:
     """The first 12 hex digits of the file's SHA-256 (0.13 s for SmolLM2's 98 MB here); remembered per path,
     size and modification time, so a process that loads the LM again does not read it again."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:  # in 1 MiB reads (`hashlib.file_digest` is Python 3.11+; we support 3.10)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def gguf_to_folder(gguf: Path) -> Path:
