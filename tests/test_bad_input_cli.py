@@ -297,6 +297,8 @@ BAD_FLAGS = [
     ("embed", "--batch-size", "-3"),
     ("eval", "--batch-size", "0"),
     ("eval", "--limit", "-2"),
+    ("eval", "--capitalise", "1.5"),
+    ("eval", "--capitalise", "-0.1"),
 ]
 
 

@@ -275,6 +275,17 @@ def test_the_data_section_is_checked_before_any_model_loads(user_data, tmp_path,
     assert "data.train[3]" in lines[2] and "needs the field(s) text" in lines[2] and "q, answers" in lines[2]
 
 
+def test_a_sources_capitalise_reaches_its_rows_and_is_checked(user_data, tmp_path, capsys) -> None:
+    vqa = user_data["vqa_parquet"]
+    assert ft.Source(**{**vqa, "capitalise": 0.5}).spec().capitalise == 0.5
+    assert ft.Source(**vqa).spec().capitalise == 0.0
+    train = [{**vqa, "capitalise": 2}]
+    code = ft.main(
+        [f"--train.out_dir={tmp_path / 'run'}", f"--data.train={json.dumps(train)}", "--data.eval=null"]
+    )
+    assert code == 2 and "data.train[0].capitalise = 2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("entry", "task", "metric"),
     [

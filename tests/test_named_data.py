@@ -534,6 +534,60 @@ def test_messages_jsonl_with_paths(data: Path) -> None:
     assert rows.eval_report.reasons == Counter({"images do not match": 2})
 
 
+def test_capitalise_starts_a_share_of_user_turns_upper_case(data: Path) -> None:
+    """`capitalise`: training draws per visit whether a row's user turns start upper-case (each turn's first text,
+    nothing else changed), `conversations` lists both forms for preparing ahead, evaluation capitalises the same
+    rows every time; 0 draws nothing, so a source without it sees the draws it always saw."""
+    vqa = write_jsonl(
+        data / "vqa.jsonl",
+        [
+            {"image": "img/red.png", "question": f"what color is shape {i}?", "answers": "red"}
+            for i in range(40)
+        ],
+    )
+    rows = open_("vqa", vqa, capitalise=0.5)
+    visits = [rows.conversation(0, random.Random(seed))[0]["content"][1]["text"] for seed in range(60)]
+    assert set(visits) == {"what color is shape 0?", "What color is shape 0?"}
+    assert 15 < visits.count("What color is shape 0?") < 45
+    assert rows.conversation(3, random.Random(5)) == rows.conversation(3, random.Random(5))
+    assert [c[0]["content"][1]["text"] for c in rows.conversations(0)] == [
+        "what color is shape 0?",
+        "What color is shape 0?",
+    ]
+    assert rows.conversations(0)[1][0]["content"][0] == im(at(data, "img/red.png"))
+    questions = [row["question"] for row in rows.eval_rows()]
+    assert questions == [row["question"] for row in open_("vqa", vqa, capitalise=0.5).eval_rows()]
+    assert 10 < sum(q[0].isupper() for q in questions) < 30
+    assert all(q[0].isupper() for q in (r["question"] for r in open_("vqa", vqa, capitalise=1).eval_rows()))
+
+    plain = open_("vqa", vqa)
+    assert plain.conversations(0) == [plain.conversation(0)]
+    rng = random.Random(9)
+    plain.conversation(0, rng)
+    assert rng.random() == random.Random(9).random()  # no draw taken
+    assert not any(row["question"][0].isupper() for row in plain.eval_rows())
+
+    chat = write_jsonl(
+        data / "chat.jsonl",
+        [{"messages": [u(IMG, tx("colour?")), a("red."), {"role": "user", "content": "and size?"}, a("small.")],
+          "images": ["img/red.png"]}],
+    )  # fmt: skip
+    upper = open_("chat", chat, capitalise=1.0).conversation(0, random.Random(0))
+    assert upper == [
+        u(im(at(data, "img/red.png")), tx("Colour?")),
+        a("red."),
+        {"role": "user", "content": "And size?"},
+        a("small."),
+    ]
+    assert open_("chat", chat, capitalise=1.0).eval_rows()[0]["messages"][2] == {
+        "role": "user",
+        "content": "And size?",
+    }
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(DataError, match="capitalise"):
+            DataSpec("vqa", str(vqa), capitalise=bad)
+
+
 # -- chat: the Cauldron ---------------------------------------------------------------------------------------
 
 

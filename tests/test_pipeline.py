@@ -229,6 +229,35 @@ def test_a_builder_of_prepared_sources_tokenises_nothing(model, sources, tmp_pat
     assert processed and all(str(image).endswith("broken.png") for image in processed)
 
 
+def test_capitalised_rows_are_prepared_in_both_forms(model, tmp_path, monkeypatch) -> None:
+    """A source with `capitalise` is prepared with each row's question as written and capitalised, so steps
+    built from the files tokenise nothing, whichever form a visit draws."""
+    for name in ("red", "blue"):
+        Image.new("RGB", (20, 12), (200, 20, 20) if name == "red" else (20, 20, 200)).save(
+            tmp_path / f"{name}.png"
+        )
+    vqa = [{"image": f"{n}.png", "question": f"is it {m}?", "answers": ["yes" if n == m else "no"]}
+           for n in ("red", "blue") for m in ("red", "blue")]  # fmt: skip
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
+    sources = [open_data(DataSpec("vqa", str(tmp_path / "vqa.jsonl"), capitalise=0.5))]
+    prepared = prepare_ahead(sources, model.preparer, 512, folder=tmp_path / "prepared", num_proc=1)
+    assert len(prepared.token_index) == 2 * 4  # 4 rows, each lower and upper case
+    stream = Stream([len(sources[0])], [1.0], seed=3)
+    read = StepBatches(sources, stream, model.preparer, batch_size=2, grad_accum=1, max_length=512, seed=3,
+                       prepared=prepared)  # fmt: skip
+    built = StepBatches(sources, stream, model.preparer, batch_size=2, grad_accum=1, max_length=512, seed=3)
+    monkeypatch.setattr(pipeline, "encode", lambda *a, **k: pytest.fail("tokenised a prepared conversation"))
+    questions = set()
+    for step in range(8):
+        for key in stream.step_rows(step, 2, 1)[0]:
+            questions.add(read.conversation(step, key)[0]["content"][1]["text"])
+        read[step]
+    assert any(q[0].isupper() for q in questions) and any(q[0].islower() for q in questions)
+    monkeypatch.undo()
+    for step in range(8):
+        assert_same(read[step].batches[0], built[step].batches[0])
+
+
 def test_a_file_changed_since_it_was_prepared_is_read_again(model, tmp_path) -> None:
     image = tmp_path / "box.png"
     Image.new("RGB", (20, 12), (200, 20, 20)).save(image)

@@ -79,5 +79,7 @@ def test_the_table_states_scores_and_bars() -> None:
 def test_vlm_eval_suite_refuses_options_it_would_ignore(tmp_path, capsys) -> None:
     assert main(["eval", "--suite", "skills", "--data", "scenes"]) == 2
     assert "--suite runs its own test sets; drop --data" in capsys.readouterr().err
+    assert main(["eval", "--suite", "skills", "--capitalise", "1"]) == 2
+    assert "drop --capitalise" in capsys.readouterr().err
     assert main(["eval", "--summary", str(tmp_path / "s.json")]) == 2
     assert "--summary goes with --suite" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from vlm.config import (  # noqa: E402
     REGEX,
     REQUIRED,
     SEED,
+    SHARE,
     Checked,
     ConfigError,
     checked,
@@ -168,6 +169,8 @@ class Source(Checked):
     image_root: str | None = checked(
         None, NON_EMPTY
     )  # relative image paths start here; default: the file's folder
+    # the share of rows whose user turns start upper-case, drawn each visit (easy-VQA's are all lower case)
+    capitalise: float = checked(0.0, SHARE)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,7 +182,7 @@ class Source(Checked):
     def spec(self) -> DataSpec:
         return DataSpec(
             self.kind, self.name, self.subset, self.split, dict(self.columns), self.limit, self.streaming,
-            self.image_root,
+            self.image_root, capitalise=self.capitalise,
         )  # fmt: skip
 
 

@@ -87,6 +87,13 @@ def probability(value: float, name: str) -> float:
     return float(value)
 
 
+def share(value: float, name: str) -> float:
+    """A number in [0, 1]: a share of rows, from none to all."""
+    if not _is_real(value) or not 0 <= value <= 1:
+        raise InvalidValue(name, "a number in [0, 1]", value)
+    return float(value)
+
+
 # -- text ---------------------------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from vlm.checks import (
     positive_float,
     positive_int,
     probability,
+    share,
     shorten,
     utf8_text,
 )
@@ -149,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         "--limit",
         type=checked(positive_int, int),
         help="a fixed random sample of this many rows (streamed: the first rows)",
+    )
+    evaluate.add_argument(
+        "--capitalise",
+        type=checked(share, float),
+        default=0.0,
+        metavar="SHARE",
+        help="start this share of the questions with a capital letter, as people type them (easy-VQA's are all "
+        "lower case); the same rows each run",
     )
     evaluate.add_argument("--batch-size", type=checked(positive_int, int), default=64)
     evaluate.add_argument("--out", help="write one JSON line per prediction here")
@@ -406,6 +415,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.limit,
             args.streaming,
             args.image_root,
+            capitalise=args.capitalise,
         )
         rows = open_data(spec).eval_rows()
     except (DataError, SourceUnavailable) as err:
@@ -428,7 +438,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
     picked = [name for name, value, default in (
         ("--data", args.data, "easy-vqa"), ("--task", args.task, "vqa"), ("--split", args.split, "test"),
         ("--subset", args.subset, None), ("--column", args.column, []), ("--image-root", args.image_root, None),
-        ("--streaming", args.streaming, False), ("--out", args.out, None),
+        ("--streaming", args.streaming, False), ("--out", args.out, None), ("--capitalise", args.capitalise, 0.0),
     ) if value != default]  # fmt: skip
     if picked:
         print(f"vlm eval: error: --suite runs its own test sets; drop {', '.join(picked)}", file=sys.stderr)

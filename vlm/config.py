@@ -82,6 +82,7 @@ NON_NEGATIVE_INT = at_least(0)  # warm-up steps
 POSITIVE = Rule(lambda v: v > 0, "> 0")  # learning rates, sampling weights
 NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")  # weight decay
 PROBABILITY = Rule(lambda v: 0 <= v < 1, "in [0, 1)")  # dropout: 1 would drop everything
+SHARE = Rule(lambda v: 0 <= v <= 1, "in [0, 1]")  # a share of rows: none to all
 SEED = Rule(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")  # what torch, numpy and random all take
 NON_EMPTY = Rule(lambda v: bool(v.strip()), "a non-empty string")  # names and folders
 REGEX = Rule(_compiles, "a valid regular expression")

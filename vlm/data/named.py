@@ -33,6 +33,9 @@ raises `BadRow` (a ValueError) from `conversation`, which the training loop coun
 counts and skips such rows itself. A dataset that cannot fit at all (a missing file, a column that does not
 exist, a kind its columns do not fit) raises `DataError` when it is opened, before any model loads.
 
+`capitalise` (a share, 0 to 1) starts that share of rows' user turns with a capital letter: drawn per visit in
+training (`conversations` lists both forms for preparing ahead), fixed per row for evaluation.
+
 Streaming (`streaming=True`): the rows are read in order and never held; row i is the i-th of the stream
 (the training loop asks for rows in order within an epoch, and restarts the stream for the next, or after a
 resume, by skipping to the row it needs). Its length is `limit`, or the split's size when the dataset's card
@@ -117,10 +120,15 @@ class DataSpec:
     streaming: bool = False
     image_root: str | None = None  # relative image paths start here (default: the data file's folder)
     seed: int = 0
+    # The share of rows whose user turns start with a capital letter (a fresh draw each training visit; a fixed
+    # draw per row for evaluation): easy-VQA's questions are all lower case, the ones people type are not.
+    capitalise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise DataError(f"{self.name}: limit = {self.limit!r}: must be an integer >= 1")
+        if not isinstance(self.capitalise, (int, float)) or not 0.0 <= self.capitalise <= 1.0:
+            raise DataError(f"{self.name}: capitalise = {self.capitalise!r}: must be a share from 0 to 1")
         if self.kind not in KINDS:
             raise DataError(f"{self.name}: kind {self.kind!r} is not one of {list(KINDS)}")
         fields = FIELDS[self.kind]
@@ -401,9 +409,34 @@ class Rows:
 
     def conversation(self, index: int, rng: random.Random | None = None) -> list[Message]:
         """Row `index` as the conversation fine-tuning learns from; `BadRow` if it does not fit its format.
-        `rng` draws a caption prompt, and one caption of several."""
+        `rng` draws a caption prompt, one caption of several, and whether the user turns are capitalised."""
         rng = rng or random.Random(f"{self.spec.seed}:{index}")
+        conversation = self._conversation(self.row(index), rng)
+        # No draw when the option is off, so that a source without it sees the draws it always saw.
+        if self.spec.capitalise and rng.random() < self.spec.capitalise:
+            return capitalised(conversation)
+        return conversation
+
+    def conversations(self, index: int) -> list[list[Message]]:
+        """Every conversation `conversation(index, rng)` can give, whatever `rng` draws: a caption row's every
+        prompt with each of its captions, any other row's one conversation, and each of those capitalised when
+        `capitalise` may draw it. (What `vlm.pipeline.prepare_ahead` tokenises ahead of training, so that no
+        draw misses.)"""
         row = self.row(index)
+        if self.format != "caption":
+            found = [self._conversation(row, random.Random(0))]  # draws nothing
+        else:
+            image, captions = self._image(row), self._captions(row)
+            found = [
+                [user(prompt, [image]), _assistant(caption)]
+                for prompt in CAPTION_PROMPTS
+                for caption in captions
+            ]
+        if self.spec.capitalise:
+            found += [upper for upper in map(capitalised, found) if upper not in found]
+        return found
+
+    def _conversation(self, row: dict[str, Any], rng: random.Random) -> list[Message]:
         if self.format == "vqa":
             question, answers = self._question(row), self._answers(row)
             answer = Counter(answers).most_common(1)[0][0]
@@ -413,18 +446,6 @@ class Rows:
             caption = captions[0] if len(captions) == 1 else rng.choice(captions)  # one per visit
             return [user(prompt, [self._image(row)]), _assistant(caption)]
         return self._chat(row)
-
-    def conversations(self, index: int) -> list[list[Message]]:
-        """Every conversation `conversation(index, rng)` can give, whatever `rng` draws: a caption row's every
-        prompt with each of its captions; any other row's one conversation. (What `vlm.pipeline.prepare_ahead`
-        tokenises ahead of training, so that no draw misses.)"""
-        if self.format != "caption":
-            return [self.conversation(index)]
-        row = self.row(index)
-        image, captions = self._image(row), self._captions(row)
-        return [
-            [user(prompt, [image]), _assistant(caption)] for prompt in CAPTION_PROMPTS for caption in captions
-        ]
 
     def eval_rows(self) -> list[dict[str, Any]]:
         """Every usable row for `vlm.evaluate`: vqa {image, question, answers, question_type?, answer_type?},
@@ -469,15 +490,22 @@ class Rows:
 
     def _eval_fields(self, index: int) -> dict[str, Any]:
         row = self.row(index)
+        # One fixed draw a row (not the training draw): the same rows are capitalised in every evaluation.
+        upper = (
+            self.spec.capitalise
+            and random.Random(f"{self.spec.seed}:{index}").random() < self.spec.capitalise
+        )
         if self.format == "vqa":
-            out = {"image": self._image(row), "question": self._question(row), "answers": self._answers(row)}
+            question = self._question(row)
+            question = question[:1].upper() + question[1:] if upper else question
+            out = {"image": self._image(row), "question": question, "answers": self._answers(row)}
             for key in ("question_type", "answer_type"):
                 if key in self.columns and row.get(self.columns[key]) not in (None, ""):
                     out[key] = str(row[self.columns[key]])
             return out
         if self.format == "caption":
             return {"image": self._image(row), "captions": self._captions(row)}
-        messages = self._chat(row)
+        messages = capitalised(self._chat(row)) if upper else self._chat(row)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if not any(m["role"] == "user" for m in messages[:last]):
             raise BadRow("no user turn", "nothing is asked before the last answer")
@@ -535,6 +563,25 @@ class Rows:
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRow("no assistant turn")
         return messages
+
+
+def capitalised(conversation: list[Message]) -> list[Message]:
+    """`conversation` with each user turn's text starting with a capital letter (its first text part)."""
+    out = []
+    for message in conversation:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            message = {**message, "content": content[:1].upper() + content[1:]}
+        elif message.get("role") == "user" and isinstance(content, list):
+            texts = [i for i, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text"]
+            first = next((i for i in texts if content[i].get("text")), None)
+            if first is not None:
+                text = content[first]["text"]
+                parts = list(content)
+                parts[first] = {**parts[first], "text": text[:1].upper() + text[1:]}
+                message = {**message, "content": parts}
+        out.append(message)
+    return out
 
 
 def _assistant(text: str) -> Message:
