@@ -58,6 +58,7 @@ from typing import Any, Literal
 import datasets
 from datasets import Image as ImageFeature
 
+from vlm.checks import InvalidValue, share
 from vlm.conversation import Message, user
 from vlm.data.common import MALFORMED_LINE, SkipReport, random_sample, skip_report
 from vlm.data.files import read_jsonl
@@ -127,8 +128,10 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise DataError(f"{self.name}: limit = {self.limit!r}: must be an integer >= 1")
-        if not isinstance(self.capitalise, (int, float)) or not 0.0 <= self.capitalise <= 1.0:
-            raise DataError(f"{self.name}: capitalise = {self.capitalise!r}: must be a share from 0 to 1")
+        try:
+            share(self.capitalise, "capitalise")
+        except InvalidValue as err:
+            raise DataError(f"{self.name}: {err}") from None
         if self.kind not in KINDS:
             raise DataError(f"{self.name}: kind {self.kind!r} is not one of {list(KINDS)}")
         fields = FIELDS[self.kind]
@@ -496,8 +499,7 @@ class Rows:
             and random.Random(f"{self.spec.seed}:{index}").random() < self.spec.capitalise
         )
         if self.format == "vqa":
-            question = self._question(row)
-            question = question[:1].upper() + question[1:] if upper else question
+            question = _upper_first(self._question(row)) if upper else self._question(row)
             out = {"image": self._image(row), "question": question, "answers": self._answers(row)}
             for key in ("question_type", "answer_type"):
                 if key in self.columns and row.get(self.columns[key]) not in (None, ""):
@@ -571,17 +573,20 @@ def capitalised(conversation: list[Message]) -> list[Message]:
     for message in conversation:
         content = message.get("content")
         if message.get("role") == "user" and isinstance(content, str):
-            message = {**message, "content": content[:1].upper() + content[1:]}
+            message = {**message, "content": _upper_first(content)}
         elif message.get("role") == "user" and isinstance(content, list):
-            texts = [i for i, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text"]
-            first = next((i for i in texts if content[i].get("text")), None)
-            if first is not None:
-                text = content[first]["text"]
-                parts = list(content)
-                parts[first] = {**parts[first], "text": text[:1].upper() + text[1:]}
-                message = {**message, "content": parts}
+            parts = list(content)
+            for i, part in enumerate(parts):
+                if isinstance(part, dict) and part.get("type") == "text" and part.get("text"):
+                    parts[i] = {**part, "text": _upper_first(part["text"])}
+                    message = {**message, "content": parts}
+                    break
         out.append(message)
     return out
+
+
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _assistant(text: str) -> Message:
