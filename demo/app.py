@@ -79,7 +79,7 @@ class Example:
         """The examples' heading on the page."""
         if self.file.startswith("easyvqa_"):
             return "Examples: easy-VQA test images"
-        if self.file.startswith("scene_"):
+        if self.file.startswith(("scene_", "sort-of-clevr_")):
             return "Examples: generated test scenes, one per skill"
         return "Examples: photos (not what the model was trained on)"
 
@@ -99,6 +99,9 @@ EXAMPLES = (
     Example("scene_6_reading.png", "What does the sign say?", "sale"),
     Example("scene_4_chart.png", "Which bar is the highest?", "A"),
     Example("scene_9_existence.png", "Is there a red triangle?", "no"),
+    Example("scene_14_color.png", "What colour is the star?", "yellow"),
+    Example("scene_5_shape.png", "Which shape is red?", "triangle"),
+    Example("scene_11_compare.png", "Are there more squares or more triangles?", "squares"),
     Example(
         "scene_7_caption.png",
         "Describe the image.",
@@ -109,6 +112,15 @@ EXAMPLES = (
         "Describe the image in detail.",
         "There are four objects. A medium koala at the top. Small grapes on the left. A medium orange "
         "rectangle in the center. A medium gray diamond at the bottom right.",
+    ),
+    # Sort-of-CLEVR test images 1 and 2 (vlm.data.sort_of_clevr, 75 px), a question of each kind the paper asks.
+    Example(
+        "sort-of-clevr_1_relational.png",
+        "What is the shape of the object that is furthest from the orange object?",
+        "circle",
+    ),
+    Example(
+        "sort-of-clevr_2_non-relational.png", "Is the red object on the left or right of the image?", "left"
     ),
     Example("chelsea.jpg", "What animal is this?"),
     Example("astronaut.jpg", "Who is in this picture?"),

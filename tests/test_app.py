@@ -644,7 +644,7 @@ def test_the_scene_examples_are_test_scenes_with_their_own_answers() -> None:
         missing(f"the scenes' pictures ({'; '.join(notes)})")
     shown = [e for e in EXAMPLES if e.file.startswith("scene_")]
     skills = {Path(e.file).stem.split("_")[2] for e in shown}
-    assert len(shown) >= 8 and skills >= {"count", "position", "relation", "reading", "chart", "caption"}
+    assert skills == set(scenes.SKILLS)  # every skill the scenes teach has its example
     for example in shown:
         index, skill = Path(example.file).stem.split("_")[1:]
         scene = scenes.generate(scenes.scene_seed("test", int(index)))
@@ -653,6 +653,24 @@ def test_the_scene_examples_are_test_scenes_with_their_own_answers() -> None:
             assert list(shipped.convert("RGB").getdata()) == list(drawn.getdata()), example.file
         asked = {(p, qa.answer, qa.skill) for qa in scenes.candidates(scene) for p in qa.phrasings}
         assert (example.question, example.answer, skill) in asked, example
+
+
+def test_the_sort_of_clevr_examples_are_test_images_with_their_own_answers() -> None:
+    """One relational and one non-relational example, each a Sort-of-CLEVR test image as the generator draws
+    it, with a question and answer of that kind the image itself asks."""
+    from vlm.data import sort_of_clevr
+
+    shown = [e for e in EXAMPLES if e.file.startswith("sort-of-clevr_")]
+    assert {Path(e.file).stem.split("_")[2] for e in shown} == {"relational", "non-relational"}
+    for example in shown:
+        index, kind = Path(example.file).stem.split("_")[1:]
+        image = sort_of_clevr.generate(sort_of_clevr.scene_seed("test", int(index)))
+        drawn = sort_of_clevr.render(image).convert("RGB")
+        with Image.open(example.path) as shipped:
+            assert list(shipped.convert("RGB").getdata()) == list(drawn.getdata()), example.file
+        assert example.group == next(e.group for e in EXAMPLES if e.file.startswith("scene_")), example.file
+        asked = {(qa.question, qa.answer, qa.kind) for qa in sort_of_clevr.questions(image)}
+        assert (example.question, example.answer, kind) in asked, example
 
 
 def test_the_shipped_model_and_encoder_name_shape_and_colour_through_the_api(default_model) -> None:
