@@ -10,7 +10,16 @@ from transformers import AutoTokenizer
 
 from vlm.cli import main
 from vlm.conversation import user
-from vlm.skills import SKILLS, Skill, SkillScore, evaluate_skills, skill_table, skill_test_sets
+from vlm.skills import (
+    SKILLS,
+    Skill,
+    SkillScore,
+    blind_guess,
+    evaluate_skills,
+    guess_train_set,
+    skill_table,
+    skill_test_sets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +59,47 @@ def test_each_set_is_scored_with_its_metric(vlm) -> None:
     for row, text in zip(sets[1][1], own, strict=True):
         row["answers"] = [text]
     caption = Skill("caption", "scenes", "caption", caption_prompt="Say.", max_new_tokens=8)
-    scores = evaluate_skills(vlm, [sets[0], (caption, sets[1][1])], batch_size=3, progress=False)
+    scores = evaluate_skills(
+        vlm, [sets[0], (caption, sets[1][1])], batch_size=3, progress=False, guess_rows=40
+    )
     assert [(s.skill, s.questions, s.metric) for s in scores] == [
         ("count", 4, "accuracy"),
         ("caption", 4, "cider"),
     ]
     assert scores[0].score == pytest.approx(0.75)
     assert scores[1].score > 0  # every caption is its own reference
+    # beside the accuracy, the blind guess on the same rows from 40 training questions; none for captions
+    assert scores[0].guess == blind_guess(guess_train_set(vqa, 40), rows)
+    assert scores[1].guess is None
+
+
+def test_a_blind_guess_answers_each_form_with_its_commonest_training_answer() -> None:
+    def row(question: str, answer: str, form: str | None = None) -> dict:
+        return {"question": question, "answers": [answer]} | ({"answer_type": form} if form else {})
+
+    train = [
+        row("How many stars?", "2", "count"),
+        row("How many hearts?", "2", "count"),
+        row("How many suns?", "2", "count"),
+        row("How many cats?", "3", "count"),
+        row("Is there a star?", "Yes.", "exist"),  # answers are normalised as the scorer does
+        row("Is there a dog?", "no", "exist"),
+        row("Is there a cat?", "yes", "exist"),
+        row("what color is the shape?", "red"),  # no template: the question itself is the form
+        row("what color is the shape?", "red"),
+        row("what color is the shape?", "blue"),
+    ]
+    test = [
+        row("How many birds?", "2", "count"),  # "2": right
+        row("How many cows?", "5", "count"),  # "2": wrong
+        row("Is there a bird?", "yes", "exist"),  # "yes": right
+        row("What color is the shape?", "red"),  # the question's form, whatever its case: right
+        row("Which bar is highest?", "2", "chart"),  # a form never trained on: the commonest answer, "2"
+    ]
+    assert blind_guess(train, test) == pytest.approx(4 / 5)
+    assert blind_guess(train, [row("How many cows?", "3", "count")]) == 0.0
+    with pytest.raises(ValueError, match="needs training and test"):
+        blind_guess([], test)
 
 
 def test_the_table_states_scores_and_bars() -> None:
@@ -74,6 +117,12 @@ def test_the_table_states_scores_and_bars() -> None:
         "| compare | 1,200 | 25.0% |  |",
         "| caption | 200 | CIDEr-D 1.23 |  |",
     ]
+    # with blind guesses (eval.json files written before them have none: the table above)
+    guessed = [SkillScore(**{**s.__dict__, "guess": 0.5 if s.metric == "accuracy" else None}) for s in scores]
+    lines = skill_table(guessed).splitlines()
+    assert lines[:2] == ["| skill | test questions | score | blind guess | bar |", "|---|---|---|---|---|"]
+    assert lines[2] == "| count | 200 | 91.5% | 50.0% | 90% (met) |"
+    assert lines[5] == "| caption | 200 | CIDEr-D 1.23 |  |  |"
 
 
 def test_vlm_eval_suite_refuses_options_it_would_ignore(tmp_path, capsys) -> None:

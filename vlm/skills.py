@@ -9,17 +9,26 @@ a mixed sample: easy-VQA (the shipped model's first task), each question skill o
 captions at two lengths, scored with CIDEr-D (the other rows: exact-match accuracy of greedy answers).
 `bar` is what issue 15 asked the default model to reach; the paper's figures for Sort-of-CLEVR are
 CNN+RN > 94% relational and CNN+MLP 63%.
+
+Beside each accuracy, a blind guess (`blind_guess`): the score of answering every question with the training
+split's commonest answer for its form, never looking at the image — the VQA paper's "per Q-type prior". A
+yes/no skill or a two-shape Sort-of-CLEVR question is half right that way, so a score is read against it,
+not against zero.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vlm.data.named import DataSpec, open_data
 from vlm.evaluate import evaluate_captions, evaluate_vqa
+from vlm.metrics import mean, normalize_answer, vqa_accuracy
 from vlm.model import VisionLanguageModel
+
+GUESS_TRAIN_ROWS = 2000  # training questions a skill's blind guess counts answers in
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class SkillScore:
     score: float
     bar: float | None
     seconds: float
+    guess: float | None = None  # `blind_guess` on the same questions (accuracy rows only)
 
     @property
     def met(self) -> bool | None:
@@ -77,17 +87,52 @@ def skill_test_sets(limit: int = 200, skills: tuple[Skill, ...] = SKILLS) -> lis
     ]
 
 
+def question_form(row: dict[str, Any]) -> str:
+    """What a blind guesser knows of a question: its template where the rows name one (the scenes' and
+    Sort-of-CLEVR's answer_type: "count-total", "closest", ...), else the question itself, lower-cased
+    (easy-VQA's question_type is read off the answer, so it is not used)."""
+    return str(row.get("answer_type") or row["question"]).strip().lower()
+
+
+def blind_guess(train: list[dict], test: list[dict]) -> float:
+    """The accuracy on `test` of answering each question with the commonest answer in `train` among
+    questions of its form (`question_form`; a form `train` lacks gets the commonest answer overall). It
+    never sees an image: what the questions and the answers' spread alone give."""
+    if not train or not test:
+        raise ValueError("a blind guess needs training and test questions")
+    by_form: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    overall: Counter[str] = Counter()
+    for row in train:
+        answer = normalize_answer(str(row["answers"][0]))
+        by_form[question_form(row)][answer] += 1
+        overall[answer] += 1
+    commonest = {form: counts.most_common(1)[0][0] for form, counts in by_form.items()}
+    fallback = overall.most_common(1)[0][0]
+    return mean(
+        vqa_accuracy(commonest.get(question_form(row), fallback), [str(a) for a in row["answers"]])
+        for row in test
+    )
+
+
+def guess_train_set(skill: Skill, limit: int = GUESS_TRAIN_ROWS) -> list[dict]:
+    """The first `limit` training questions of `skill` (easy-VQA: a fixed random sample), for `blind_guess`."""
+    return open_data(DataSpec("vqa", skill.data, skill.subset, "train", limit=limit)).eval_rows()
+
+
 def evaluate_skills(
     model: VisionLanguageModel,
     sets: list[tuple[Skill, list[dict]]] | None = None,
     batch_size: int = 64,
     progress: bool = True,
     bf16: bool = False,
+    guess_rows: int | None = GUESS_TRAIN_ROWS,
 ) -> list[SkillScore]:
-    """The score of `model` on each skill's test set (default: `skill_test_sets()`)."""
+    """The score of `model` on each skill's test set (default: `skill_test_sets()`), and beside each
+    accuracy the blind guess from `guess_rows` training questions of the skill (None: no guesses)."""
     scores = []
     for skill, rows in skill_test_sets() if sets is None else sets:
         start = time.perf_counter()
+        guess = None
         if skill.caption_prompt is None:
             result = evaluate_vqa(model, rows, batch_size, skill.max_new_tokens, progress, bf16=bf16)
             metric = "accuracy"
@@ -97,22 +142,29 @@ def evaluate_skills(
                 model, captions, skill.caption_prompt, batch_size, skill.max_new_tokens, progress, bf16=bf16
             )
             metric = "cider"
-        seconds = time.perf_counter() - start
-        scores.append(SkillScore(skill.name, len(rows), metric, result.metrics[metric], skill.bar, seconds))
+        seconds = time.perf_counter() - start  # the model's time: the guess's training rows are not counted
+        if metric == "accuracy" and guess_rows is not None:
+            guess = blind_guess(guess_train_set(skill, guess_rows), rows)
+        scores.append(
+            SkillScore(skill.name, len(rows), metric, result.metrics[metric], skill.bar, seconds, guess)
+        )
     return scores
 
 
 def skill_table(scores: list[SkillScore]) -> str:
     """A markdown table of `scores`: accuracies in percent, CIDEr-D as itself, and each bar met or missed by
-    how many points (what issue 15 asks a card to say)."""
-    lines = ["| skill | test questions | score | bar |", "|---|---|---|---|"]
+    how many points (what issue 15 asks a card to say); a blind-guess column when any score has one."""
+    guessed = any(s.guess is not None for s in scores)
+    head = ["skill", "test questions", "score", *(["blind guess"] if guessed else []), "bar"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in scores:
         value = f"{100 * s.score:.1f}%" if s.metric == "accuracy" else f"CIDEr-D {s.score:.2f}"
+        guess = [f"{100 * s.guess:.1f}%" if s.guess is not None else ""] if guessed else []
         bar = ""
         if s.bar is not None:
             gap = "met" if s.met else f"missed by {100 * (s.bar - s.score):.1f} points"
             bar = f"{100 * s.bar:.0f}% ({gap})"
-        lines.append(f"| {s.skill} | {s.questions:,} | {value} | {bar} |")
+        lines.append("| " + " | ".join([s.skill, f"{s.questions:,}", value, *guess, bar]) + " |")
     return "\n".join(lines)
 
 
