@@ -298,6 +298,9 @@ def test_vlm_eval_suite_prints_the_table_and_writes_its_summary(saved, tmp_path,
     summary = json.loads(out.read_text())
     assert [s["skill"] for s in summary["skills"]] == [s.name for s in SKILLS]
     assert all(s["questions"] == 1 for s in summary["skills"])
+    # a blind guess beside every accuracy (from ten training questions a test question), none for captions
+    assert all((s["guess"] is None) == (s["metric"] == "cider") for s in summary["skills"])
+    assert all(0 <= s["guess"] <= 1 for s in summary["skills"] if s["guess"] is not None)
     assert summary["command"] == f"vlm eval {saved / 'm'} --suite skills --limit 1"
 
 
