@@ -633,6 +633,12 @@ def test_twenty_concurrent_clients_each_get_their_own_answer(served, model) -> N
     assert again == model.ask(IMAGE, "And now?", max_new_tokens=8)
 
 
+def assert_shipped_as_drawn(example, drawn: Image.Image) -> None:
+    """The example's file holds the pixels the generator draws (so it is the test image it names)."""
+    with Image.open(example.path) as shipped:
+        assert list(shipped.convert("RGB").getdata()) == list(drawn.convert("RGB").getdata()), example.file
+
+
 def test_the_scene_examples_are_test_scenes_with_their_own_answers() -> None:
     """Each generated example is test scene <i> as the generator draws it (so never trained on), and its
     question and answer are one the scene itself asks, of the skill its file names."""
@@ -648,9 +654,7 @@ def test_the_scene_examples_are_test_scenes_with_their_own_answers() -> None:
     for example in shown:
         index, skill = Path(example.file).stem.split("_")[1:]
         scene = scenes.generate(scenes.scene_seed("test", int(index)))
-        drawn = scenes.render(scene).convert("RGB")
-        with Image.open(example.path) as shipped:
-            assert list(shipped.convert("RGB").getdata()) == list(drawn.getdata()), example.file
+        assert_shipped_as_drawn(example, scenes.render(scene))
         asked = {(p, qa.answer, qa.skill) for qa in scenes.candidates(scene) for p in qa.phrasings}
         assert (example.question, example.answer, skill) in asked, example
 
@@ -665,9 +669,7 @@ def test_the_sort_of_clevr_examples_are_test_images_with_their_own_answers() -> 
     for example in shown:
         index, kind = Path(example.file).stem.split("_")[1:]
         image = sort_of_clevr.generate(sort_of_clevr.scene_seed("test", int(index)))
-        drawn = sort_of_clevr.render(image).convert("RGB")
-        with Image.open(example.path) as shipped:
-            assert list(shipped.convert("RGB").getdata()) == list(drawn.getdata()), example.file
+        assert_shipped_as_drawn(example, sort_of_clevr.render(image))
         assert example.group == next(e.group for e in EXAMPLES if e.file.startswith("scene_")), example.file
         asked = {(qa.question, qa.answer, qa.kind) for qa in sort_of_clevr.questions(image)}
         assert (example.question, example.answer, kind) in asked, example
