@@ -29,7 +29,7 @@ from vlm.metrics import mean, normalize_answer, vqa_accuracy
 from vlm.model import VisionLanguageModel
 
 # A skill's blind guess counts the answers of ten training questions per test question, up to 2,000 (the
-# first run on a machine builds them: a few minutes for the whole suite; cached after).
+# first run on a machine builds them, minutes for the whole suite; cached after).
 GUESS_TRAIN_ROWS, GUESS_PER_TEST = 2000, 10
 
 
@@ -91,8 +91,9 @@ def skill_test_sets(limit: int = 200, skills: tuple[Skill, ...] = SKILLS) -> lis
 
 def question_form(row: dict[str, Any]) -> str:
     """What a blind guesser knows of a question: its template where the rows name one (the scenes' and
-    Sort-of-CLEVR's answer_type: "count-total", "closest", ...), else the question itself, lower-cased
-    (easy-VQA's question_type is read off the answer, so it is not used)."""
+    Sort-of-CLEVR's answer_type: "count-color", "closest", ...), else the question itself, lower-cased.
+    Both are read off the question alone; easy-VQA's question_type, or VQAv2's answer_type, are read off the
+    answer, and a guess keyed by them would not be blind — which is why only the suite's sources are asked."""
     return str(row.get("answer_type") or row["question"]).strip().lower()
 
 
