@@ -378,7 +378,9 @@ def test_questions_cover_every_skill_with_several_phrasings() -> None:
         assert len({(qa.template, qa.answer, qa.question) for qa in chosen}) == len(chosen)
         skills |= {qa.skill for qa in chosen}
     assert skills == set(scenes.SKILLS)
-    assert len(templates) >= 40
+    # TEMPLATES (what a subset may name) lists exactly the templates the questions use, each under its skill.
+    listed = {t: skill for skill, names in scenes.TEMPLATES.items() for t in names}
+    assert {t: qa.skill for t, qa in templates.items()} == listed
     # Answers of counts are digits; yes/no questions get both answers about equally.
     answers = [
         qa.answer
@@ -518,6 +520,27 @@ def test_open_data_refuses_what_generated_data_cannot_be() -> None:
     for bad in ("objects=0-2", "objects=3-2", "objects=9", "objects=two", "objects=1-2-3"):
         with pytest.raises(DataError, match="objects"):
             open_data(DataSpec("vqa", "scenes", limit=5, subset=f"{bad},count"))
+
+
+def test_a_subset_may_name_templates() -> None:
+    """The skill table's reading row asks for the written word alone (the yes/no "Is "open" written?" would
+    otherwise be most of it): a subset names templates beside skills, and the rows are the scenes' own."""
+    words = ("reading-word", "reading-sign", "reading-color")
+    assert scenes.parse_subset("reading-word, count") == (("reading-word", "count"), scenes.Layout())
+    data = open_data(DataSpec("vqa", "scenes", split="test", limit=30, subset=",".join(words)))
+    assert len(data) == 30
+    for i, row in enumerate(data.eval_rows()):
+        assert row["question_type"] == "reading" and row["answer_type"] in words
+        scene = scenes.generate(data.dataset[i]["seed"])
+        assert row["answers"][0] in {w.text for w in scene.words}
+    assert {r["answer_type"] for r in data.eval_rows()} == set(words)
+    mixed = open_data(
+        DataSpec("vqa", "scenes", split="test", limit=40, subset="count,reading-exists")
+    ).eval_rows()
+    assert {r["answer_type"] for r in mixed if r["question_type"] == "reading"} == {"reading-exists"}
+    assert {r["question_type"] for r in mixed} == {"count", "reading"}
+    with pytest.raises(DataError, match="unknown skill.*reading-words"):
+        open_data(DataSpec("vqa", "scenes", limit=5, subset="reading-words"))
 
 
 def test_a_layout_draws_smaller_scenes_for_a_curriculum() -> None:

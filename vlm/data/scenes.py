@@ -34,8 +34,9 @@ Rows for `vlm.data.named.open_data` (`load_rows`, cached by `common.build_rows`)
 the skill, answer_type = the template, for a finer breakdown; each scene's image is stored once, in a table of
 its own, and looked up by the row's seed when the row is read, rather than stored with each of its 10
 questions), caption (the one-sentence caption) and chat (a few questions about one image as one
-conversation). `subset` keeps only the named skills ("count,position"), and may ask for smaller scenes (a
-`Layout`, for a curriculum: "objects=1-2,plain,count" — one or two objects, no words or chart).
+conversation). `subset` keeps only the named skills ("count,position") or templates ("reading-word", see
+`TEMPLATES`), and may ask for smaller scenes (a `Layout`, for a curriculum: "objects=1-2,plain,count" — one
+or two objects, no words or chart).
 """
 
 from __future__ import annotations
@@ -677,6 +678,31 @@ SKILLS = (
     "existence", "count", "color", "shape", "position", "relation", "compare", "reading", "chart", "caption",
     "detail",
 )  # fmt: skip
+# Each skill's templates (a row's answer_type). A subset may name templates as well as skills: the skill
+# table reads the words ("reading-word,reading-sign,reading-color") apart from "is this word written?", the
+# yes/no template that would otherwise fill most of a reading test set (see `questions`).
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "existence": ("exist-color-shape", "exist-shape", "exist-color", "exist-picture"),
+    "count": ("count-objects", "count-shapes", "count-shape", "count-color", "count-color-shape", "count-picture"),
+    "color": ("color-of-shape", "color-of-sized-shape", "color-of-sign", "color-of-word", "color-of-bars"),
+    "shape": ("shape-of-color",),
+    "position": (
+        "position-side", "position-height", "position-cell", "position-what",
+        "position-leftmost", "position-rightmost", "position-topmost", "position-bottommost",
+    ),
+    "relation": (
+        "relation-left", "relation-right", "relation-above", "relation-below", "relation-what-left",
+        "relation-what-right", "relation-what-above", "relation-what-below", "relation-nearest", "relation-furthest",
+    ),
+    "compare": (
+        "compare-more", "compare-fewer", "compare-which-more", "compare-same", "compare-bigger", "compare-smaller",
+        "compare-is-bigger",
+    ),
+    "reading": ("reading-sign", "reading-word", "reading-color", "reading-exists"),
+    "chart": ("chart-highest", "chart-lowest", "chart-value", "chart-bars", "chart-compare"),
+    "caption": ("caption",),
+    "detail": ("detail",),
+}  # fmt: skip
 _ONCE = ("caption", "detail")  # asked at most once per image
 # Questions per round of the skills: those a scene has only sometimes (words: 40%, a chart: 25% of scenes)
 # get more of its turns, so each skill has a few hundred test questions in TEST_IMAGES.
@@ -717,16 +743,21 @@ def questions(
     count: int = QUESTIONS_PER_IMAGE,
     skills: Iterable[str] | None = None,
 ) -> list[QA]:
-    """`count` questions about `scene` (fewer if it allows fewer), each with one phrasing drawn: the skills
+    """`count` questions about `scene` (fewer if it allows fewer), each with one phrasing drawn, of `skills`
+    (skills or templates, `TEMPLATES`; default: every skill): the skills
     in turn (in a random order; reading twice and chart three times a turn, as fewer scenes have them), within
     a skill a template at random, then an answer at random among those the template can give here (for
     existence and count, the answer first, over the skill's templates), then a question with that answer.
-    Caption and detail come at most once. `rng` defaults to one seeded by the scene."""
+    Caption and detail come at most once. `rng` defaults to one seeded by the scene.
+
+    Asked for one skill alone, an image's questions drain its pools: once a scene's few "yes" answers (or
+    its one word) are asked, only "no" is left, so such a set leans to "no" (reading-exists: 85%) where the
+    mixed rows are even; the skill table reports a blind guess beside each score for that reason."""
     rng = rng or random.Random(f"questions:{_VERSION}:{scene.seed}")
     wanted = set(SKILLS if skills is None else skills)
     pools: dict[str, dict[str, list[QA]]] = {}
     for qa in candidates(scene):
-        if qa.skill in wanted:
+        if qa.skill in wanted or qa.template in wanted:
             pools.setdefault(qa.skill, {}).setdefault(qa.template, []).append(qa)
     order = list(pools)
     rng.shuffle(order)
@@ -1660,9 +1691,9 @@ CHAT_FEATURES = Features(
 
 
 def parse_subset(subset: str | None) -> tuple[tuple[str, ...] | None, Layout]:
-    """A `subset` ("count,position", "objects=1-2,plain,count") as its skills (None: all of them) and its
-    layout: "objects=N" or "objects=LOW-HIGH" bounds the number of objects, "plain" leaves words and charts
-    out. ValueError for anything else."""
+    """A `subset` ("count,position", "objects=1-2,plain,count", "reading-word,reading-sign") as its skills
+    and templates (`TEMPLATES`; None: every skill) and its layout: "objects=N" or "objects=LOW-HIGH" bounds
+    the number of objects, "plain" leaves words and charts out. ValueError for anything else."""
     skills: list[str] = []
     objects, clutter = (1, MAX_OBJECTS), True
     for item in (s.strip() for s in (subset or "").split(",")):
@@ -1675,11 +1706,12 @@ def parse_subset(subset: str | None) -> tuple[tuple[str, ...] | None, Layout]:
             objects = (int(bounds[0]), int(bounds[-1]))
         elif item:
             skills.append(item)
-    unknown = [s for s in skills if s not in SKILLS]
+    templates = {t for names in TEMPLATES.values() for t in names}
+    unknown = [s for s in skills if s not in SKILLS and s not in templates]
     if unknown:
         raise ValueError(
             f"unknown skill(s) {unknown} in subset {subset!r}; the skills: {', '.join(SKILLS)}"
-            " (and the layout: objects=LOW-HIGH, plain)"
+            " (a skill's templates: vlm.data.scenes.TEMPLATES; the layout: objects=LOW-HIGH, plain)"
         )
     return tuple(skills) or None, Layout(objects, clutter)
 
@@ -1716,8 +1748,8 @@ def load_rows(
 ) -> datasets.Dataset:
     """Rows of `kind` for `vlm.data.named.open_data`: "vqa" (`limit` questions, QUESTIONS_PER_IMAGE an
     image), "caption" or "chat" (`limit` images, one row each). Without `limit`, TRAIN_IMAGES or
-    TEST_IMAGES images. `subset` names the skills to keep (vqa and chat) and the scenes' `Layout` (any kind;
-    `parse_subset`). Built with `common.build_rows` and cached by its fingerprint (`cache`).
+    TEST_IMAGES images. `subset` names the skills or templates to keep (vqa and chat) and the scenes' `Layout`
+    (any kind; `parse_subset`). Built with `common.build_rows` and cached by its fingerprint (`cache`).
 
     A vqa row's image is stored once per scene, not once per question: the scenes are drawn once each into
     a table of their own (`_images`: seed and PNG, about 3 KB a scene, 65 MB for the default 20,000 train
