@@ -5,7 +5,7 @@
 
 Each skill is its own test set, so every row of the table has `limit` questions however rare the skill is in
 a mixed sample: easy-VQA (the shipped model's first task), each question skill of the generated scenes
-(`vlm.data.scenes.SKILLS`), Sort-of-CLEVR's two question kinds (Santoro et al. 2017), and the scenes'
+(`vlm.data.scenes.SKILLS`; reading split into the written word and "is this word written?"), Sort-of-CLEVR's two question kinds (Santoro et al. 2017), and the scenes'
 captions at two lengths, scored with CIDEr-D (the other rows: exact-match accuracy of greedy answers).
 `bar` is what issue 15 asked the default model to reach; the paper's figures for Sort-of-CLEVR are
 CNN+RN > 94% relational and CNN+MLP 63%.
@@ -54,7 +54,10 @@ SKILLS: tuple[Skill, ...] = (
     Skill("position", "scenes", "position", bar=0.95),
     Skill("relation", "scenes", "relation", bar=0.90),
     Skill("compare", "scenes", "compare"),
-    Skill("reading", "scenes", "reading", bar=0.90),
+    # The bar is for words read exactly; "Is the word "open" written?" (yes/no, 85% "no" in its test set) is
+    # a row of its own, not most of this one.
+    Skill("reading", "scenes", "reading-word,reading-sign,reading-color", bar=0.90),
+    Skill("reading: is the word written?", "scenes", "reading-exists"),
     Skill("chart", "scenes", "chart", bar=0.90),
     Skill("Sort-of-CLEVR non-relational", "sort-of-clevr", "non-relational", bar=0.99),
     Skill("Sort-of-CLEVR relational", "sort-of-clevr", "relational", bar=0.94),
