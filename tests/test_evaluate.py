@@ -12,7 +12,8 @@ from tiny import image_sources
 from transformers import AutoTokenizer
 
 from vlm.conversation import user
-from vlm.evaluate import evaluate_captions, evaluate_vqa
+from vlm.evaluate import EvalResult, evaluate_captions, evaluate_vqa
+from vlm.metrics import breakdown
 from vlm.model import VisionLanguageModel
 
 
@@ -42,6 +43,29 @@ def one_by_one(vlm: VisionLanguageModel, rows: list[dict], max_new_tokens: int =
     return [
         vlm.generate([[user(r["question"], [r["image"]])]], max_new_tokens=max_new_tokens)[0] for r in rows
     ]
+
+
+def test_the_report_says_when_one_answer_is_given_to_most_questions() -> None:
+    """A model that answers from a question's prior says one answer far more often than the data has it: the
+    report names each question type's commonest prediction beside its commonest true answer, normalised as
+    scored ("One." is "1")."""
+    said = ["1", "One.", "1", "2", "yes", "yes"]
+    truth = ["0", "0", "1", "2", "no", "yes"]
+    kinds = ["count"] * 4 + ["existence"] * 2
+    records = [
+        {"question_type": k, "prediction": p, "answers": [t], "score": float(p == t)}
+        for k, p, t in zip(kinds, said, truth, strict=True)
+    ]
+    by_type = {"question_type": breakdown([r["score"] for r in records], kinds)}
+    result = EvalResult("vqa", {"accuracy": 0.5}, by_type, records, 1.0)
+    assert result.answer_spread() == {
+        "count": (("1", 0.75), ("0", 0.5)),
+        "existence": (("yes", 1.0), ("no", 0.5)),
+    }
+    lines = result.report().splitlines()
+    assert (
+        "  question_type=count: 0.5000 (4); says '1' 75% of the time, the commonest answer '0' 50%" in lines
+    )
 
 
 def test_evaluate_vqa_scores_and_writes_predictions(vlm, rows, tmp_path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,15 @@ import torch
 from PIL import Image
 
 from vlm.generation import progress_bar
-from vlm.metrics import GroupScore, breakdown, caption_scores, exact_match, mean, vqa_accuracy
+from vlm.metrics import (
+    GroupScore,
+    breakdown,
+    caption_scores,
+    exact_match,
+    mean,
+    normalize_answer,
+    vqa_accuracy,
+)
 from vlm.model import VisionLanguageModel
 from vlm.processing import ImageSource
 from vlm.weights import atomic_file, check_output_file
@@ -57,15 +66,40 @@ class EvalResult:
         return out | {"examples": float(self.num_examples), "examples_per_second": self.examples_per_second}
 
     def report(self) -> str:
-        """Human-readable lines: the metrics, then one line per type with its count."""
+        """Human-readable lines: the metrics, then one line per type with its count; for VQA, each question
+        type's line also names its commonest prediction beside its commonest true answer (`answer_spread`)."""
         head = ", ".join(f"{name} {value:.4f}" for name, value in self.metrics.items())
         lines = [
             f"{self.task}: {head} on {self.num_examples} examples "
             f"({self.seconds:.1f} s, {self.examples_per_second:.1f}/s)"
         ]
+        spread = self.answer_spread() if self.task == "vqa" else {}
         for key, groups in self.by_type.items():
-            lines += [f"  {key}={kind}: {group.mean:.4f} ({group.count})" for kind, group in groups.items()]
+            for kind, group in groups.items():
+                line = f"  {key}={kind}: {group.mean:.4f} ({group.count})"
+                if key == "question_type" and kind in spread:
+                    (said, said_share), (true, true_share) = spread[kind]
+                    line += f"; says {said!r} {said_share:.0%} of the time, the commonest answer {true!r} {true_share:.0%}"
+                lines.append(line)
         return "\n".join(lines)
+
+    def answer_spread(self) -> dict[str, tuple[tuple[str, float], tuple[str, float]]]:
+        """Per question type: (the commonest prediction, its share) and (the commonest first true answer, its
+        share), both normalised as scored. A model that answers from the question's prior says one answer far
+        more often than the data has it ("1" to most counts, "yes" to a word that is seldom there)."""
+        said: dict[str, Counter[str]] = defaultdict(Counter)
+        true: dict[str, Counter[str]] = defaultdict(Counter)
+        for record in self.predictions:
+            if record.get("question_type") is not None and record.get("answers"):
+                kind = str(record["question_type"])
+                said[kind][normalize_answer(str(record["prediction"]))] += 1
+                true[kind][normalize_answer(str(record["answers"][0]))] += 1
+        out = {}
+        for kind, counts in said.items():
+            n = sum(counts.values())
+            (top, k), (answer, m) = counts.most_common(1)[0], true[kind].most_common(1)[0]
+            out[kind] = ((top, k / n), (answer, m / n))
+        return out
 
 
 # -- VQA ------------------------------------------------------------------------------------------------------
