@@ -3,9 +3,15 @@ mean-pooled patch features, trained end to end on one label read from the scenes
 
     python train/probe_tower.py vlm/default_model runs/siglip_scenes/final --task shape
 
-Tasks: `shape` (one shape on a plain ground, 8 kinds; by size), `color` (the same scenes, 10 colours) and
-`count` (1-8 objects, shapes and pictures, no words or chart; by number). Each tower gets the same scenes,
-steps and seed, and the table says how many of `--test` held-out scenes it gets right.
+Tasks: `shape` (one shape on a plain ground, 8 kinds; by size), `color` (the same scenes, 10 colours),
+`count` (1-8 objects, shapes and pictures, no words or chart; by number) and `word` (the written word of a
+scene of the full world that has exactly one, on a sign or on its own, among its objects and perhaps a chart:
+one of ~150 classes; by length). Each tower gets the same scenes, steps and seed, and the table says how many
+of `--test` held-out scenes it gets right.
+
+`--image-size 128` feeds a tower more pixels than it was trained on: the same patches, more of them (8-px
+patches of a 128-px image: 256 tokens instead of 64), the learned position grid resized bicubically as SigLIP
+does for other resolutions — the cheap check of whether a skill is limited by the tower's resolution.
 
 Why: through the VLM a sample costs the LM's forward and backward (4 samples/s on 2 CPU cores), and after
 hundreds of steps a scene answer may still come from the question's prior, which says nothing about the
@@ -18,6 +24,7 @@ resolution and pretraining let it see, before anyone spends a VLM run on it. A M
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -31,11 +38,20 @@ from vlm.data import scenes
 from vlm.model import load_vision_tower
 from vlm.siglip import SiglipVisionEncoder
 
-TASKS = ("shape", "color", "count")
+TASKS = ("shape", "color", "count", "word")
 
 
 def task_scenes(task: str, split: str, n: int) -> list[scenes.Scene]:
-    """`n` scenes of `split` for `task`: one shape on a plain ground (shape, color), or 1-8 objects (count)."""
+    """`n` scenes of `split` for `task`: one shape on a plain ground (shape, color), 1-8 objects (count), or
+    the first `n` scenes of the full world with exactly one word (word; about one scene in four)."""
+    if task == "word":
+        found: list[scenes.Scene] = []
+        index = 0
+        while len(found) < n:
+            scene = scenes.generate(scenes.scene_seed(split, index))
+            found += [scene] if len(scene.words) == 1 else []
+            index += 1
+        return found
     if task == "count":
         layout, pictures = scenes.Layout((1, scenes.MAX_OBJECTS), clutter=False), True
     else:
@@ -44,7 +60,11 @@ def task_scenes(task: str, split: str, n: int) -> list[scenes.Scene]:
 
 
 def labels(task: str, scene: scenes.Scene) -> tuple[str, str]:
-    """(the answer, the group it is reported in): an object's shape or colour by its size; a count by itself."""
+    """(the answer, the group it is reported in): an object's shape or colour by its size; a count by itself;
+    a word by its length."""
+    if task == "word":
+        text = scene.words[0].text
+        return text, f"{len(text)} letters"
     if task == "count":
         return str(len(scene.objects)), str(len(scene.objects))
     thing = scene.objects[0]
@@ -52,8 +72,8 @@ def labels(task: str, scene: scenes.Scene) -> tuple[str, str]:
 
 
 def _group_order(group: str) -> tuple[int, int]:
-    """Sizes small to large, counts 1 to 8."""
-    return (0, list(scenes.SIZES).index(group)) if group in scenes.SIZES else (1, int(group))
+    """Sizes small to large, counts 1 to 8, words short to long."""
+    return (0, list(scenes.SIZES).index(group)) if group in scenes.SIZES else (1, int(group.split()[0]))
 
 
 def probe(
@@ -68,7 +88,8 @@ def probe(
     frozen: bool = False,
 ) -> torch.Tensor:
     """Train `encoder` (unless `frozen`) and a linear head on `pixels[:n_train]`; the held-out rows'
-    predicted classes."""
+    predicted classes. Pixels of another size than the tower's are read with its position grid resized."""
+    resized = pixels.shape[-1] != encoder.config.image_size
     torch.manual_seed(seed)
     head = torch.nn.Linear(encoder.config.hidden_size, int(targets.max()) + 1)
     encoder.requires_grad_(not frozen)
@@ -77,7 +98,7 @@ def probe(
     rng = random.Random(seed)
 
     def pooled(x: torch.Tensor) -> torch.Tensor:
-        return encoder(x).last_hidden_state.mean(1)
+        return encoder(x, interpolate_pos_encoding=resized).last_hidden_state.mean(1)
 
     if frozen:  # the features never change: each image's once, then a step is the head's alone
         encoder.eval()
@@ -114,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         help="train only the head (a linear probe of the tower as it is); a head alone wants a larger --lr, e.g. "
         "1e-2 (shapes of the shipped tower, 1,000 steps: 43%% at 1e-2, 37.5%% at the default 3e-4)",
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="feed each tower images of this many pixels a side (default: its own size; see above)",
+    )
     parser.add_argument("--out", help="also write the results here as JSON")
     args = parser.parse_args(argv)
-    for flag in ("steps", "batch_size", "train", "test"):
-        if getattr(args, flag) < 1:
+    for flag in ("steps", "batch_size", "train", "test", "image_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
 
     drawn = task_scenes(args.task, "train", args.train) + task_scenes(args.task, "test", args.test)
@@ -129,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.models:
         encoder, processor = load_vision_tower(name)
+        if args.image_size is not None:
+            if args.image_size % encoder.config.patch_size:
+                parser.error(
+                    f"--image-size must be a multiple of {name}'s patch, {encoder.config.patch_size} px"
+                )
+            processor = dataclasses.replace(processor, image_size=args.image_size)
         pixels = torch.cat([processor(images[i : i + 256]) for i in range(0, len(images), 256)])
         if len(pixels) != len(images):
             parser.error(f"{name} reads an image as several tiles; the probe needs one tile per image")
@@ -146,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             {
                 "model": name,
-                "image_size": encoder.config.image_size,
+                "image_size": args.image_size or encoder.config.image_size,
                 "patch_size": encoder.config.patch_size,
                 "frozen": args.frozen,
                 "accuracy": right.float().mean().item(),
