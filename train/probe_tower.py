@@ -6,7 +6,7 @@ mean-pooled patch features, trained end to end on one label read from the scenes
 Tasks: `shape` (one shape on a plain ground, 8 kinds; by size), `color` (the same scenes, 10 colours),
 `count` (1-8 objects, shapes and pictures, no words or chart; by number) and `word` (the written word of a
 scene of the full world that has exactly one, on a sign or on its own, among its objects and perhaps a chart:
-one of ~150 classes; by length). Each tower gets the same scenes, steps and seed, and the table says how many
+one of the 133 `scenes.WORDS`; by length). Each tower gets the same scenes, steps and seed, and the table says how many
 of `--test` held-out scenes it gets right.
 
 `--image-size 128` feeds a tower more pixels than it was trained on: the same patches, more of them (8-px
@@ -43,7 +43,7 @@ TASKS = ("shape", "color", "count", "word")
 
 def task_scenes(task: str, split: str, n: int) -> list[scenes.Scene]:
     """`n` scenes of `split` for `task`: one shape on a plain ground (shape, color), 1-8 objects (count), or
-    the first `n` scenes of the full world with exactly one word (word; about one scene in four)."""
+    the first `n` scenes of the full world with exactly one word (word; three scenes in ten)."""
     if task == "word":
         found: list[scenes.Scene] = []
         index = 0

@@ -744,10 +744,10 @@ def questions(
     skills: Iterable[str] | None = None,
 ) -> list[QA]:
     """`count` questions about `scene` (fewer if it allows fewer), each with one phrasing drawn, of `skills`
-    (skills or templates, `TEMPLATES`; default: every skill): the skills
-    in turn (in a random order; reading twice and chart three times a turn, as fewer scenes have them), within
-    a skill a template at random, then an answer at random among those the template can give here (for
-    existence and count, the answer first, over the skill's templates), then a question with that answer.
+    (skills or templates, `TEMPLATES`; default: every skill): the skills in turn (in a random order; reading
+    twice and chart three times a turn, as fewer scenes have them), within a skill a template at random, then
+    an answer at random among those the template can give here (for existence and count, the answer first,
+    over the skill's templates), then a question with that answer.
     Caption and detail come at most once. `rng` defaults to one seeded by the scene.
 
     Asked for one skill alone, an image's questions drain its pools: once a scene's few "yes" answers (or
