@@ -49,7 +49,8 @@ def task_scenes(task: str, split: str, n: int) -> list[scenes.Scene]:
         index = 0
         while len(found) < n:
             scene = scenes.generate(scenes.scene_seed(split, index))
-            found += [scene] if len(scene.words) == 1 else []
+            if len(scene.words) == 1:
+                found.append(scene)
             index += 1
         return found
     if task == "count":

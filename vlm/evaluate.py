@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,11 @@ from PIL import Image
 from vlm.generation import progress_bar
 from vlm.metrics import (
     GroupScore,
+    answer_counts,
     breakdown,
     caption_scores,
     exact_match,
     mean,
-    normalize_answer,
     vqa_accuracy,
 )
 from vlm.model import VisionLanguageModel
@@ -79,7 +78,8 @@ class EvalResult:
                 line = f"  {key}={kind}: {group.mean:.4f} ({group.count})"
                 if key == "question_type" and kind in spread:
                     (said, said_share), (true, true_share) = spread[kind]
-                    line += f"; says {said!r} {said_share:.0%} of the time, the commonest answer {true!r} {true_share:.0%}"
+                    line += f"; says {said!r} {said_share:.0%} of the time"
+                    line += f", the commonest answer {true!r} {true_share:.0%}"
                 lines.append(line)
         return "\n".join(lines)
 
@@ -87,13 +87,9 @@ class EvalResult:
         """Per question type: (the commonest prediction, its share) and (the commonest first true answer, its
         share), both normalised as scored. A model that answers from the question's prior says one answer far
         more often than the data has it ("1" to most counts, "yes" to a word that is seldom there)."""
-        said: dict[str, Counter[str]] = defaultdict(Counter)
-        true: dict[str, Counter[str]] = defaultdict(Counter)
-        for record in self.predictions:
-            if record.get("question_type") is not None and record.get("answers"):
-                kind = str(record["question_type"])
-                said[kind][normalize_answer(str(record["prediction"]))] += 1
-                true[kind][normalize_answer(str(record["answers"][0]))] += 1
+        asked = [r for r in self.predictions if r.get("question_type") is not None and r.get("answers")]
+        said = answer_counts((str(r["question_type"]), str(r["prediction"])) for r in asked)
+        true = answer_counts((str(r["question_type"]), str(r["answers"][0])) for r in asked)
         out = {}
         for kind, counts in said.items():
             n = sum(counts.values())

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -90,6 +90,15 @@ def normalize_answer(text: str) -> str:
     """The VQAv2 answer normalisation: newlines/tabs to spaces, strip, punctuation, then digits/articles."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(text))
+
+
+def answer_counts(pairs: Iterable[tuple[str, str]]) -> dict[str, Counter[str]]:
+    """(group, answer) pairs as each group's answers counted, normalised as scored ("One." is "1"): what a
+    blind guess (`vlm.skills.blind_guess`) and an evaluation's answer spread read their commonest answers from."""
+    counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for group, answer in pairs:
+        counts[group][normalize_answer(answer)] += 1
+    return dict(counts)
 
 
 # -- VQA scores --------------------------------------------------------------------------------------------
