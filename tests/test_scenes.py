@@ -526,7 +526,7 @@ def test_a_subset_may_name_templates() -> None:
     """The skill table's reading row asks for the written word alone (the yes/no "Is "open" written?" would
     otherwise be most of it): a subset names templates beside skills, and the rows are the scenes' own."""
     words = ("reading-word", "reading-sign", "reading-color")
-    assert scenes.parse_subset("reading-word, count") == (("reading-word", "count"), scenes.Layout())
+    assert scenes.parse_subset("reading-word, count") == (("reading-word", "count"), scenes.Layout(), 10)
     data = open_data(DataSpec("vqa", "scenes", split="test", limit=30, subset=",".join(words)))
     assert len(data) == 30
     for i, row in enumerate(data.eval_rows()):
@@ -543,13 +543,40 @@ def test_a_subset_may_name_templates() -> None:
         open_data(DataSpec("vqa", "scenes", limit=5, subset="reading-words"))
 
 
+def test_a_test_set_of_one_skill_asks_one_question_a_scene() -> None:
+    """Ten questions of one skill from one scene drain its pools (its few "yes", its one word): such a set
+    of 60 is 6 scenes leaning to "no". With "per-image=1" it is 60 scenes, yes and no about even, each the
+    first question `questions` asks of its scene, and the rest of the subset still applies."""
+    assert scenes.parse_subset("count, per-image=1") == (("count",), scenes.Layout(), 1)
+    ten = open_data(DataSpec("vqa", "scenes", split="test", limit=60, subset="reading-exists")).dataset
+    assert len(set(ten["seed"])) == 6 and ten["answers"].count(["no"]) > 45
+    one = open_data(DataSpec("vqa", "scenes", split="test", limit=60, subset="reading-exists,per-image=1"))
+    rows, seeds = one.eval_rows(), one.dataset["seed"]
+    assert len(rows) == 60 and len(set(seeds)) == 60
+    assert 20 <= sum(r["answers"] == ["yes"] for r in rows) <= 40
+    for row, seed in zip(rows, seeds, strict=True):
+        (qa,) = scenes.questions(scenes.generate(seed), count=1, skills=["reading-exists"])
+        assert row["question"] == qa.question and row["answers"] == [qa.answer]
+    assert rows[5]["image"] == common.png_bytes(scenes.render(scenes.generate(seeds[5])))
+    small = open_data(DataSpec("vqa", "scenes", limit=12, subset="objects=1-2,plain,count,per-image=2"))
+    seeds = small.dataset["seed"]
+    assert len(set(seeds)) == 6 and all(seeds.count(s) == 2 for s in set(seeds))
+    assert all(len(scenes.generate(s, layout=scenes.Layout((1, 2), False)).objects) <= 2 for s in seeds)
+    for bad in ("per-image=0", "per-image=11", "per-image=one"):
+        with pytest.raises(DataError, match="per-image=N"):
+            open_data(DataSpec("vqa", "scenes", limit=5, subset=f"count,{bad}"))
+    with pytest.raises(DataError, match="per-image applies to kind vqa"):
+        open_data(DataSpec("chat", "scenes", limit=5, subset="count,per-image=1"))
+
+
 def test_a_layout_draws_smaller_scenes_for_a_curriculum() -> None:
     assert scenes.parse_subset("objects=1-2, plain, count") == (
         ("count",),
         scenes.Layout((1, 2), clutter=False),
+        scenes.QUESTIONS_PER_IMAGE,
     )
-    assert scenes.parse_subset("objects=3") == (None, scenes.Layout((3, 3)))
-    assert scenes.parse_subset(None) == (None, scenes.Layout())
+    assert scenes.parse_subset("objects=3").layout == scenes.Layout((3, 3))
+    assert scenes.parse_subset(None) == (None, scenes.Layout(), scenes.QUESTIONS_PER_IMAGE)
     few = scenes.Layout((1, 2), clutter=False)
     assert str(few) == "objects=1-2,plain" and str(scenes.Layout()) == ""
     seeds = range(200)

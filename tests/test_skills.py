@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from vlm.cli import main
 from vlm.conversation import user
+from vlm.data.named import DataSpec, open_data
 from vlm.skills import (
     SKILLS,
     Skill,
@@ -17,6 +18,7 @@ from vlm.skills import (
     blind_guess,
     evaluate_skills,
     guess_train_set,
+    skill_rows,
     skill_table,
     skill_test_sets,
 )
@@ -46,6 +48,27 @@ def test_each_skill_has_its_own_test_set_of_that_skill() -> None:
     # The same limit gives the same questions: a card's figures can be measured again.
     again = skill_test_sets(limit=5, skills=SKILLS[1:2])[0][1]
     assert [r["question"] for r in again] == [r["question"] for r in sets[1][1]]
+
+
+def test_scene_skills_are_asked_once_a_scene_and_counting_from_one_to_eight() -> None:
+    """200 questions of a scene skill are 200 scenes, not 20 drained ones; counting's bar is for counts of
+    1 to 8, so its row keeps those answers, the first of them in seed order, the same for a longer limit."""
+    scene_skills = [s for s in SKILLS if s.data == "scenes" and s.caption_prompt is None]
+    for skill, rows in skill_test_sets(limit=12, skills=tuple(scene_skills)):
+        assert len({row["image"] for row in rows}) == 12, skill.name  # each a PNG of its own
+    count = next(s for s in SKILLS if s.name.startswith("count"))
+    rows = skill_rows(count, "test", 30)
+    assert len(rows) == 30 and {r["answers"][0] for r in rows} <= {str(n) for n in range(1, 9)}
+    assert len({r["answers"][0] for r in rows}) >= 4  # not only ones and twos
+    every = open_data(DataSpec("vqa", "scenes", count.subset, "test", limit=60)).eval_rows()
+    kept = [r["question"] for r in every if r["answers"][0] != "0"]
+    assert [r["question"] for r in rows] == kept[:30]
+    assert [r["question"] for r in skill_rows(count, "test", 40)][:30] == kept[:30]
+    # the blind guess learns from the same kind of rows
+    assert {r["answers"][0] for r in guess_train_set(count, 50)} <= count.answers
+    rare = Skill("rare", "sort-of-clevr", "non-relational", answers=frozenset({"zebra"}))
+    with pytest.raises(ValueError, match="rare: 0 of the first 40 test questions have its answers, not 5"):
+        skill_rows(rare, "test", 5)
 
 
 def test_each_set_is_scored_with_its_metric(vlm) -> None:

@@ -35,8 +35,9 @@ the skill, answer_type = the template, for a finer breakdown; each scene's image
 its own, and looked up by the row's seed when the row is read, rather than stored with each of its 10
 questions), caption (the one-sentence caption) and chat (a few questions about one image as one
 conversation). `subset` keeps only the named skills ("count,position") or templates ("reading-word", see
-`TEMPLATES`), and may ask for smaller scenes (a `Layout`, for a curriculum: "objects=1-2,plain,count" — one
-or two objects, no words or chart).
+`TEMPLATES`), may ask for smaller scenes (a `Layout`, for a curriculum: "objects=1-2,plain,count" — one
+or two objects, no words or chart) and fewer questions a scene ("count,per-image=1": a test set of 200
+questions from 200 scenes; `parse_subset`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 from datasets import Features, List, Value
@@ -752,7 +753,8 @@ def questions(
 
     Asked for one skill alone, an image's questions drain its pools: once a scene's few "yes" answers (or
     its one word) are asked, only "no" is left, so such a set leans to "no" (reading-exists: 85%) where the
-    mixed rows are even; the skill table reports a blind guess beside each score for that reason."""
+    mixed rows are even. A test set of one skill asks one question a scene for that reason (`count=1`, subset
+    "per-image=1"), and the skill table reports a blind guess beside each score."""
     rng = rng or random.Random(f"questions:{_VERSION}:{scene.seed}")
     wanted = set(SKILLS if skills is None else skills)
     pools: dict[str, dict[str, list[QA]]] = {}
@@ -1690,12 +1692,25 @@ CHAT_FEATURES = Features(
 )
 
 
-def parse_subset(subset: str | None) -> tuple[tuple[str, ...] | None, Layout]:
-    """A `subset` ("count,position", "objects=1-2,plain,count", "reading-word,reading-sign") as its skills
-    and templates (`TEMPLATES`; None: every skill) and its layout: "objects=N" or "objects=LOW-HIGH" bounds
-    the number of objects, "plain" leaves words and charts out. ValueError for anything else."""
+class Subset(NamedTuple):
+    """What a `subset` string asks of the scenes (`parse_subset`)."""
+
+    skills: tuple[str, ...] | None  # skills or templates to ask (None: every skill)
+    layout: Layout
+    per_image: int = QUESTIONS_PER_IMAGE  # vqa questions asked of each scene
+
+
+def parse_subset(subset: str | None) -> Subset:
+    """A `subset` ("count,position", "objects=1-2,plain,count", "reading-word,count,per-image=1") as its
+    skills and templates (`TEMPLATES`; None: every skill), its layout ("objects=N" or "objects=LOW-HIGH"
+    bounds the number of objects, "plain" leaves words and charts out) and the vqa questions asked of each
+    scene ("per-image=N", default QUESTIONS_PER_IMAGE). ValueError for anything else.
+
+    "per-image=1" is how a test set of one skill is drawn (the skill table's): ten questions of one skill
+    from one scene drain its pools (see `questions`), so 200 of them come from 20 scenes, lean to "no" and
+    "0", and are not 200 independent trials; one a scene gives 200 scenes and the answers' own spread."""
     skills: list[str] = []
-    objects, clutter = (1, MAX_OBJECTS), True
+    objects, clutter, per_image = (1, MAX_OBJECTS), True, QUESTIONS_PER_IMAGE
     for item in (s.strip() for s in (subset or "").split(",")):
         if item == "plain":
             clutter = False
@@ -1704,6 +1719,13 @@ def parse_subset(subset: str | None) -> tuple[tuple[str, ...] | None, Layout]:
             if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
                 raise ValueError(f"{item!r} in subset {subset!r}: write objects=N or objects=LOW-HIGH")
             objects = (int(bounds[0]), int(bounds[-1]))
+        elif item.startswith("per-image="):
+            value = item.removeprefix("per-image=").strip()
+            if not value.isdigit() or not 1 <= int(value) <= QUESTIONS_PER_IMAGE:
+                raise ValueError(
+                    f"{item!r} in subset {subset!r}: write per-image=N, N from 1 to {QUESTIONS_PER_IMAGE}"
+                )
+            per_image = int(value)
         elif item:
             skills.append(item)
     templates = {t for names in TEMPLATES.values() for t in names}
@@ -1711,9 +1733,10 @@ def parse_subset(subset: str | None) -> tuple[tuple[str, ...] | None, Layout]:
     if unknown:
         raise ValueError(
             f"unknown skill(s) {unknown} in subset {subset!r}; the skills: {', '.join(SKILLS)}"
-            " (a skill's templates: vlm.data.scenes.TEMPLATES; the layout: objects=LOW-HIGH, plain)"
+            " (a skill's templates: vlm.data.scenes.TEMPLATES; the layout: objects=LOW-HIGH, plain;"
+            " questions a scene: per-image=N)"
         )
-    return tuple(skills) or None, Layout(objects, clutter)
+    return Subset(tuple(skills) or None, Layout(objects, clutter), per_image)
 
 
 def build(
@@ -1760,15 +1783,19 @@ def load_rows(
     thousands of scenes and no small cache of recent images would hit."""
     if kind not in ("vqa", "caption", "chat"):
         raise ValueError(f"generated scenes come as kind vqa, caption or chat, not {kind!r}")
-    skills, layout = parse_subset(subset)
+    skills, layout, per_image = parse_subset(subset)
     if skills is not None and kind == "caption":
         raise ValueError("a subset of skills applies to kinds vqa and chat, not caption")
+    if per_image != QUESTIONS_PER_IMAGE and kind != "vqa":
+        raise ValueError(f"per-image applies to kind vqa (questions a scene), not {kind}")
+    # Named only when it is not the default, so the sets built before it keep their cache fingerprints.
+    asked = {} if per_image == QUESTIONS_PER_IMAGE else {"per_image": per_image}
     scene_seed(split, 0)  # checks the split
     images = TRAIN_IMAGES if split == "train" else TEST_IMAGES
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None:
-        images = _images_for(split, limit, skills, size, layout) if kind == "vqa" else limit
+        images = _images_for(split, limit, skills, size, layout, per_image) if kind == "vqa" else limit
     items = [{"seed": scene_seed(split, i)} for i in range(images)]
     built = common.build_rows(
         f"scenes-{kind}",
@@ -1781,6 +1808,7 @@ def load_rows(
         size=size,
         skills=list(skills) if skills else None,
         layout=layout,
+        **asked,
     )
     if kind != "vqa":
         return built
@@ -1794,17 +1822,20 @@ def load_rows(
     return common.with_report(built.with_transform(look_up), report)
 
 
-def _images_for(split: str, rows: int, skills: Sequence[str] | None, size: int, layout: Layout) -> int:
-    """How many images give `rows` questions. Every scene of the default layout has QUESTIONS_PER_IMAGE of all
+def _images_for(
+    split: str, rows: int, skills: Sequence[str] | None, size: int, layout: Layout, per_image: int
+) -> int:
+    """How many images give `rows` questions. Every scene of the default layout has `per_image` of all
     skills; for some skills only, or smaller scenes, the scenes' questions are counted (their descriptions are
     generated, not drawn)."""
     if skills is None and layout == Layout():
-        return -(-rows // QUESTIONS_PER_IMAGE)
+        return -(-rows // per_image)
     total = index = 0
     while total < rows:
         if index >= TEST_SEED or (index > 1000 and total == 0):
             raise ValueError(f"no scene has a question of the skills {list(skills)}")
-        total += len(questions(generate(scene_seed(split, index), size, layout=layout), skills=skills))
+        scene = generate(scene_seed(split, index), size, layout=layout)
+        total += len(questions(scene, count=per_image, skills=skills))
         index += 1
     return index
 
@@ -1863,7 +1894,12 @@ def _draw(seed: int, size: int, layout: Layout) -> bytes:
 
 
 def _encode(
-    item: dict[str, Any], kind: str, size: int, skills: list[str] | None, layout: Layout
+    item: dict[str, Any],
+    kind: str,
+    size: int,
+    skills: list[str] | None,
+    layout: Layout,
+    per_image: int = QUESTIONS_PER_IMAGE,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """One seed -> its rows (`common.build_rows`' encode step)."""
     seed = item["seed"]
@@ -1878,7 +1914,7 @@ def _encode(
                 "answer_type": qa.template,
                 "seed": seed,
             }
-            for qa in questions(scene, skills=skills)
+            for qa in questions(scene, count=per_image, skills=skills)
         ]
     image = {"bytes": common.png_bytes(render(scene)), "path": None}
     meta = json.dumps(scene.to_dict())  # the description as JSON (`Scene.from_dict(json.loads(meta))`)
