@@ -752,7 +752,7 @@ def questions(
     Caption and detail come at most once. `rng` defaults to one seeded by the scene.
 
     Asked for one skill alone, an image's questions drain its pools: once a scene's few "yes" answers (or
-    its one word) are asked, only "no" is left, so such a set leans to "no" (reading-exists: 85%) where the
+    its one word) are asked, only "no" is left, so such a set leans to "no" (reading-exists: 88%) where the
     mixed rows are even. A test set of one skill asks one question a scene for that reason (`count=1`, subset
     "per-image=1"), and the skill table reports a blind guess beside each score."""
     rng = rng or random.Random(f"questions:{_VERSION}:{scene.seed}")
