@@ -421,6 +421,34 @@ def test_sort_of_clevr_is_as_the_paper_specifies() -> None:
             assert qa.answer == sort_of_clevr.answer(scene, qa.subtype, qa.color) is not None
 
 
+def test_sort_of_clevr_test_set_may_take_one_question_an_image() -> None:
+    """Ten relational questions an image make 200 of them 20 images; "per-image=1" takes each image's first
+    (a uniform draw of colour and subtype), 200 questions from the paper's 200 test images."""
+    spec = lambda subset, limit: DataSpec("vqa", "sort-of-clevr", subset, "test", limit=limit)  # noqa: E731
+    ten = open_data(spec("relational", 40)).dataset
+    assert len(set(ten["seed"])) == 4
+    one = open_data(spec("relational, per-image=1", 200))
+    rows, seeds = one.eval_rows(), one.dataset["seed"]
+    assert seeds == [sort_of_clevr.scene_seed("test", i) for i in range(200)]
+    for row, seed in zip(rows[:20], seeds, strict=False):
+        first = next(
+            qa for qa in sort_of_clevr.questions(sort_of_clevr.generate(seed)) if qa.kind == "relational"
+        )
+        assert (row["question"], row["answers"], row["answer_type"]) == (
+            first.question,
+            [first.answer],
+            first.subtype,
+        )
+    assert len({r["answer_type"] for r in rows}) == 3  # closest, furthest, count all come up
+    two = open_data(spec("non-relational,per-image=2", 10)).dataset
+    assert two["seed"] == [s for s in seeds[:5] for _ in range(2)] and set(two["question_type"]) == {
+        "non-relational"
+    }
+    for bad in ("per-image=1", "relational,per-image=0", "relational,per-image=11", "relational,count"):
+        with pytest.raises(DataError, match="Sort-of-CLEVR's subsets|per-image=N"):
+            open_data(spec(bad, 5))
+
+
 def test_sort_of_clevr_answers_on_a_hand_built_scene() -> None:
     Item = sort_of_clevr.Item
     scene = sort_of_clevr.Scene(

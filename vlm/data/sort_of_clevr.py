@@ -187,27 +187,57 @@ def load_rows(
     kind: str, split: str = "train", limit: int | None = None, subset: str | None = None, cache: bool = True
 ) -> datasets.Dataset:
     """VQA rows for `vlm.data.named.open_data`: 20 an image, `limit` in all (default: the split's images, as
-    the paper: 9,800 train, 200 test). `subset` keeps "relational" or "non-relational" questions only. An
-    image is drawn when its row is read, not stored 20 times: six flat shapes at 75 px take 0.2 ms (a scene
-    of `vlm.data.scenes` takes 2.5 ms, so those are drawn once and stored once per scene)."""
+    the paper: 9,800 train, 200 test). `subset` keeps "relational" or "non-relational" questions only, and
+    "relational,per-image=N" the first N of an image's ten (each drawn uniformly, so the first is a fair
+    draw: "per-image=1" with `limit` 200 is one question from each of the paper's 200 test images, where ten
+    a kind would be 20 images). An image is drawn when its row is read, not stored 20 times: six flat shapes
+    at 75 px take 0.2 ms (a scene of `vlm.data.scenes` takes 2.5 ms, so those are drawn once and stored once
+    per scene)."""
     if kind != "vqa":
         raise ValueError(f"Sort-of-CLEVR is of kind vqa, not {kind!r}")
-    kinds = ("relational", "non-relational")
-    if subset is not None and subset not in kinds:
-        raise ValueError(f"subset {subset!r}: Sort-of-CLEVR's subsets are {', '.join(kinds)}")
+    question_kind, per_image = _parse_subset(subset)
     scene_seed(split, 0)  # checks the split
-    per_image = QUESTIONS_PER_KIND * (1 if subset else 2)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     images = -(-limit // per_image) if limit else (TRAIN_IMAGES if split == "train" else TEST_IMAGES)
     items = [{"seed": scene_seed(split, i)} for i in range(images)]
+    # per_image is named only when it is not the default, so sets built before it keep their fingerprints.
+    fewer = {} if per_image == QUESTIONS_PER_KIND * (1 if question_kind else 2) else {"per_image": per_image}
     built = common.build_rows(
-        "sort-of-clevr", items, _encode, FEATURES, version=_VERSION, cache=cache, subset=subset
+        "sort-of-clevr",
+        items,
+        _encode,
+        FEATURES,
+        version=_VERSION,
+        cache=cache,
+        subset=question_kind,
+        **fewer,
     )
     report = common.skip_report(built)
     if limit is not None and len(built) > limit:
         built = built.select(range(limit))
     return common.with_report(built.with_transform(_draw_images), report)
+
+
+def _parse_subset(subset: str | None) -> tuple[str | None, int]:
+    """ "relational", "non-relational", either with ",per-image=N" (N of its 10 an image), or None (all 20)."""
+    kinds = ("relational", "non-relational")
+    items = [item.strip() for item in (subset or "").split(",") if item.strip()]
+    per_image = [item for item in items if item.startswith("per-image=")]
+    rest = [item for item in items if not item.startswith("per-image=")]
+    if len(rest) != 1 or rest[0] not in kinds or len(per_image) > 1:
+        if items:
+            raise ValueError(
+                f"subset {subset!r}: Sort-of-CLEVR's subsets are {', '.join(kinds)}, each with per-image=N"
+                " or without"
+            )
+        return None, 2 * QUESTIONS_PER_KIND
+    if not per_image:
+        return rest[0], QUESTIONS_PER_KIND
+    value = per_image[0].removeprefix("per-image=").strip()
+    if not value.isdigit() or not 1 <= int(value) <= QUESTIONS_PER_KIND:
+        raise ValueError(f"subset {subset!r}: write per-image=N, N from 1 to {QUESTIONS_PER_KIND}")
+    return rest[0], int(value)
 
 
 def _draw_images(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -220,8 +250,11 @@ def _png(seed: int) -> bytes:
     return common.png_bytes(render(generate(seed)))
 
 
-def _encode(item: dict[str, Any], subset: str | None) -> list[dict[str, Any]]:
+def _encode(
+    item: dict[str, Any], subset: str | None, per_image: int = 2 * QUESTIONS_PER_KIND
+) -> list[dict[str, Any]]:
     scene = generate(item["seed"])
+    asked = [qa for qa in questions(scene) if subset is None or qa.kind == subset]
     return [
         {
             "image": f"sort-of-clevr/{item['seed']}",
@@ -231,6 +264,5 @@ def _encode(item: dict[str, Any], subset: str | None) -> list[dict[str, Any]]:
             "answer_type": qa.subtype,
             "seed": item["seed"],
         }
-        for qa in questions(scene)
-        if subset is None or qa.kind == subset
+        for qa in asked[:per_image]
     ]
