@@ -125,6 +125,15 @@ def random_sample(items: Sequence[T], limit: int | None, seed: int = 0) -> list[
 _PLURAL_WORDS = frozenset({"people", "men", "women", "children", "feet", "teeth", "mice", "geese"})
 
 
+def per_image(item: str, subset: str | None, most: int) -> int:
+    """The N of a generated source's subset item "per-image=N" (questions asked of each image), 1 to `most`;
+    ValueError naming `subset` otherwise."""
+    value = item.removeprefix("per-image=").strip()
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        raise ValueError(f"{item!r} in subset {subset!r}: write per-image=N, N from 1 to {most}")
+    return int(value)
+
+
 def with_article(phrase: str) -> str:
     """Prefix a/an: "red apple" -> "a red apple", "owl" -> "an owl"; plurals ("men wrestling") get none."""
     words = phrase.split()

@@ -1720,12 +1720,7 @@ def parse_subset(subset: str | None) -> Subset:
                 raise ValueError(f"{item!r} in subset {subset!r}: write objects=N or objects=LOW-HIGH")
             objects = (int(bounds[0]), int(bounds[-1]))
         elif item.startswith("per-image="):
-            value = item.removeprefix("per-image=").strip()
-            if not value.isdigit() or not 1 <= int(value) <= QUESTIONS_PER_IMAGE:
-                raise ValueError(
-                    f"{item!r} in subset {subset!r}: write per-image=N, N from 1 to {QUESTIONS_PER_IMAGE}"
-                )
-            per_image = int(value)
+            per_image = common.per_image(item, subset, QUESTIONS_PER_IMAGE)
         elif item:
             skills.append(item)
     templates = {t for names in TEMPLATES.values() for t in names}

@@ -220,7 +220,8 @@ def load_rows(
 
 
 def _parse_subset(subset: str | None) -> tuple[str | None, int]:
-    """ "relational", "non-relational", either with ",per-image=N" (N of its 10 an image), or None (all 20)."""
+    """A subset's question kind and questions an image: "relational" or "non-relational" (10 an image), either
+    with ",per-image=N" (the first N of the 10), or None (both kinds, 20)."""
     kinds = ("relational", "non-relational")
     items = [item.strip() for item in (subset or "").split(",") if item.strip()]
     per_image = [item for item in items if item.startswith("per-image=")]
@@ -234,10 +235,7 @@ def _parse_subset(subset: str | None) -> tuple[str | None, int]:
         return None, 2 * QUESTIONS_PER_KIND
     if not per_image:
         return rest[0], QUESTIONS_PER_KIND
-    value = per_image[0].removeprefix("per-image=").strip()
-    if not value.isdigit() or not 1 <= int(value) <= QUESTIONS_PER_KIND:
-        raise ValueError(f"subset {subset!r}: write per-image=N, N from 1 to {QUESTIONS_PER_KIND}")
-    return rest[0], int(value)
+    return rest[0], common.per_image(per_image[0], subset, QUESTIONS_PER_KIND)
 
 
 def _draw_images(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
