@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from vlm.cli import main
 from vlm.conversation import user
-from vlm.data.named import DataSpec, open_data
+from vlm.data.named import DataError, DataSpec, open_data
 from vlm.skills import (
     SKILLS,
     Skill,
@@ -67,7 +67,7 @@ def test_scene_skills_are_asked_once_a_scene_and_counting_from_one_to_eight() ->
     # the blind guess learns from the same kind of rows
     assert {r["answers"][0] for r in guess_train_set(count, 50)} <= count.answers
     rare = Skill("rare", "sort-of-clevr", "non-relational", answers=frozenset({"zebra"}))
-    with pytest.raises(ValueError, match="rare: 0 of the first 40 test questions have its answers, not 5"):
+    with pytest.raises(DataError, match="rare: 0 of the first 40 test questions have its answers, not 5"):
         skill_rows(rare, "test", 5)
 
 

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlm.data.named import DataSpec, open_data
+from vlm.data.named import DataError, DataSpec, open_data
 from vlm.evaluate import evaluate_captions, evaluate_vqa
 from vlm.metrics import answer_counts, mean, vqa_accuracy
 from vlm.model import VisionLanguageModel
@@ -105,7 +105,8 @@ def skill_test_sets(limit: int = 200, skills: tuple[Skill, ...] = SKILLS) -> lis
 def skill_rows(skill: Skill, split: str, limit: int) -> list[dict]:
     """The first `limit` questions of `skill` in `split` that have one of its `answers`: read in growing
     prefixes (the generated sets are drawn in seed order, so a longer prefix keeps the shorter's rows), up
-    to ANSWERS_SEARCH times `limit` (a generated split never ends). ValueError when those have fewer."""
+    to ANSWERS_SEARCH times `limit` (a generated split never ends). DataError (a ValueError, which `vlm eval
+    --suite` reports as one line) when those have fewer."""
     want = limit
     while True:
         data = open_data(DataSpec("vqa", skill.data, skill.subset, split, limit=want))
@@ -115,7 +116,7 @@ def skill_rows(skill: Skill, split: str, limit: int) -> list[dict]:
         if len(rows) >= limit:
             return rows[:limit]
         if len(data) < want or want >= ANSWERS_SEARCH * limit:
-            raise ValueError(
+            raise DataError(
                 f"{skill.name}: {len(rows)} of the first {len(data)} {split} questions have its answers,"
                 f" not {limit}"
             )
