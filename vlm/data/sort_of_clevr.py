@@ -226,13 +226,12 @@ def _parse_subset(subset: str | None) -> tuple[str | None, int]:
     items = [item.strip() for item in (subset or "").split(",") if item.strip()]
     per_image = [item for item in items if item.startswith("per-image=")]
     rest = [item for item in items if not item.startswith("per-image=")]
-    if len(rest) != 1 or rest[0] not in kinds or len(per_image) > 1:
-        if items:
-            raise ValueError(
-                f"subset {subset!r}: Sort-of-CLEVR's subsets are {', '.join(kinds)}, each with per-image=N"
-                " or without"
-            )
+    if not items:
         return None, 2 * QUESTIONS_PER_KIND
+    if len(rest) != 1 or rest[0] not in kinds or len(per_image) > 1:
+        raise ValueError(
+            f"subset {subset!r}: Sort-of-CLEVR's subsets are {', '.join(kinds)}, each with per-image=N or without"
+        )
     if not per_image:
         return rest[0], QUESTIONS_PER_KIND
     return rest[0], common.per_image(per_image[0], subset, QUESTIONS_PER_KIND)
