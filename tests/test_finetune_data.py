@@ -286,6 +286,36 @@ def test_a_sources_capitalise_reaches_its_rows_and_is_checked(user_data, tmp_pat
     assert code == 2 and "data.train[0].capitalise = 2" in capsys.readouterr().err
 
 
+def test_a_run_validates_on_a_slice_held_out_of_its_training_split(
+    user_data, tiny_lm_folder, tmp_path, capsys, monkeypatch
+) -> None:
+    """Data with no validation split: `data.eval` reads `train[:40%]`, `data.train` the rest, and no training
+    step sees a held-out row. A slice that does not parse stops the run before any model loads."""
+    vqa = user_data["vqa_parquet"]  # 5 rows: red, green, blue, yellow, and one unreadable
+    seen: set[str] = set()
+    conversation = StepBatches.conversation
+
+    def recording(self, step, key):  # noqa: ANN001, ANN202
+        turns = conversation(self, step, key)
+        seen.add(next(part["text"] for part in turns[0]["content"] if part["type"] == "text"))
+        return turns
+
+    monkeypatch.setattr(StepBatches, "conversation", recording)
+    train, held = {**vqa, "split": "train[40%:]"}, {**vqa, "split": "train[:40%]"}
+    ft.train(finetune_config(tmp_path, tiny_lm_folder, [train], held, steps=3))
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    [final] = [m for m in metrics if "eval_accuracy" in m]
+    assert final["eval_examples"] == 2  # red and green
+    assert seen and not seen & {"What colour is it? (0)", "What colour is it? (1)"}, seen
+    code = ft.main(
+        [
+            f"--train.out_dir={tmp_path / 'bad'}",
+            f"--data.train={json.dumps([{**vqa, 'split': 'train[:x%]'}])}",
+        ]
+    )
+    assert code == 2 and "a slice reads like" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("entry", "task", "metric"),
     [

@@ -16,7 +16,9 @@ LLaVA-Instruct `conversations`, transformers' `messages`, the Cauldron's `texts`
 - a dataset that cannot fit at all (no file, wrong type, a wrong column mapping, the wrong kind, an unknown
   hub id offline) fails with `DataError` when it is opened;
 - streamed rows equal the map-style ones, restart when an earlier row is asked for, and wrap at `limit`;
-  `limit` on map-style data is a fixed sample by seed.
+  `limit` on map-style data is a fixed sample by seed;
+- a split sliced as `datasets` slices one ("train[:10%]") selects the rows `load_dataset` selects, for files,
+  saved folders and packaged sources, and a slice that cannot be taken fails when opened.
 
 Nothing touches the network or ~/.cache.
 """
@@ -1031,3 +1033,93 @@ def test_limit_on_map_style_is_a_fixed_sample(data: Path) -> None:
     assert len(set(questions(first))) == 5 and set(questions(first)) <= {f"q{i}?" for i in range(20)}
     assert [first.conversation(i) for i in range(5)] == [again.conversation(i) for i in range(5)]
     assert len(open_("vqa", path, limit=50)) == 20  # more than there are: all of them
+
+
+# -- sliced splits: a validation set out of a training split ---------------------------------------------------
+
+
+def _questions(rows: Rows) -> list[str]:
+    return [rows.row(i)["question"] for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_sliced_split_selects_the_rows_datasets_would(data: Path, suffix: str) -> None:
+    """`train[:10%]` / `train[10%:]` of one file: the rows `datasets` itself selects for the same slice (its
+    rounding, its negative indices), the two sides disjoint and together the whole, in order."""
+    table = {"image": ["img/red.png"] * 23, "question": [f"q{i}?" for i in range(23)], "answers": ["a"] * 23}
+    path = data / f"q{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(
+            path, [dict(zip(table, values, strict=True)) for values in zip(*table.values(), strict=True)]
+        )
+    elif suffix == ".csv":
+        datasets.Dataset.from_dict(table).to_csv(str(path), index=False)
+    else:
+        write_parquet(path, table)
+    builder = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
+    for split in ("train[:10%]", "train[10%:]", "train[-5:]", "train[3:7]+train[:1]", "train[:33%]"):
+        expected = datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)["question"]
+        assert _questions(open_("vqa", path, split=split)) == expected, split
+    held, rest = open_("vqa", path, split="train[:10%]"), open_("vqa", path, split="train[10%:]")
+    assert (len(held), len(rest)) == (2, 21)  # 2.3 rows rounds to 2
+    assert _questions(held) + _questions(rest) == table["question"]
+    assert held.eval_rows()[0] == {"image": at(data, "img/red.png"), "question": "q0?", "answers": ["a"]}
+    sample = open_("vqa", path, split="train[10%:]", limit=5, seed=1)  # limit samples the slice
+    assert len(sample) == 5 and set(_questions(sample)) <= set(_questions(rest))
+    assert _questions(sample) == _questions(open_("vqa", path, split="train[10%:]", limit=5, seed=1))
+
+
+def test_sliced_splits_of_folders(tmp_path: Path) -> None:
+    """A `save_to_disk` DatasetDict (several splits joined by "+"), one saved Dataset, and a Parquet folder
+    (sliced by `datasets.load_dataset` itself)."""
+    splits = tmp_path / "saved-splits"
+    parts = {
+        name: datasets.Dataset.from_dict(
+            {"image": [RED] * n, "question": [f"{name}{i}?" for i in range(n)], "answers": [["x"]] * n}
+        )
+        for name, n in (("train", 10), ("validation", 4))
+    }
+    datasets.DatasetDict(parts).cast_column("image", datasets.Image()).save_to_disk(str(splits))
+    assert _questions(open_("vqa", splits, split="train[:20%]+validation[-1:]")) == [
+        "train0?",
+        "train1?",
+        "validation3?",
+    ]
+    with pytest.raises(DataError, match="no split 'test'"):
+        open_("vqa", splits, split="train[:50%]+test")
+    one = tmp_path / "saved-one"
+    parts["train"].save_to_disk(str(one))
+    assert _questions(open_("vqa", one, split="train[-2:]")) == ["train8?", "train9?"]
+    folder = tmp_path / "parquet-folder"
+    folder.mkdir()
+    parts["train"].to_parquet(str(folder / "train.parquet"))
+    assert _questions(open_("vqa", folder, split="train[:30%]")) == ["train0?", "train1?", "train2?"]
+
+
+def test_packaged_sources_slice_their_splits() -> None:
+    """easy-VQA's training questions as training and validation rows: disjoint, the whole split together,
+    and (its questions listed image by image) sharing at most the one image at the cut."""
+    whole = open_data(DataSpec("vqa", "easy-vqa", split="train"))
+    held = open_data(DataSpec("vqa", "easy-vqa", split="train[:5%]"))
+    rest = open_data(DataSpec("vqa", "easy-vqa", split="train[5%:]"))
+    assert len(held) == round(0.05 * len(whole)) and len(held) + len(rest) == len(whole)
+    assert [held.row(i) for i in (0, len(held) - 1)] == [whole.row(0), whole.row(len(held) - 1)]
+    assert rest.row(0) == whole.row(len(held))
+    images = [{row["image"] for row in rows.eval_rows()} for rows in (held, rest)]
+    assert len(images[0] & images[1]) <= 1
+    with pytest.raises(DataError, match="not 'validation'"):
+        open_data(DataSpec("vqa", "easy-vqa", split="validation[:5%]"))
+
+
+def test_bad_slices_fail_when_opened(data: Path) -> None:
+    path = write_jsonl(data / "q.jsonl", [{"image": "img/red.png", "question": "q?", "answers": "a"}] * 3)
+    with pytest.raises(DataError, match="a slice reads like"):
+        DataSpec("vqa", str(path), split="train[:five%]")
+    with pytest.raises(DataError, match="a stream is read in order"):
+        DataSpec("vqa", str(path), split="train[:50%]", streaming=True)
+    with pytest.raises(DataError, match="selects no row"):
+        open_("vqa", path, split="train[:10%]")  # 0.3 rows rounds to none
+    with pytest.raises(DataError, match="names 2 splits"):
+        open_("vqa", path, split="train[:1]+test[:1]")  # a file is one split
+    with pytest.raises(DataError, match="generated source is not sliced"):
+        open_data(DataSpec("vqa", "scenes", split="train[:5%]"))

@@ -161,7 +161,7 @@ class Source(Checked):
     # a packaged source (easy-vqa; emoji, flags, ...), a .jsonl/.json/.parquet/.csv file, a folder or a hub id
     name: str = checked(REQUIRED, NON_EMPTY)
     subset: str | None = checked(None, NON_EMPTY)  # the hub dataset's configuration
-    split: str = checked("train", NON_EMPTY)
+    split: str = checked("train", NON_EMPTY)  # or a slice as `datasets` reads one: "train[:5%]", "train[5%:]"
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the dataset's column
     limit: int | None = checked(None, AT_LEAST_ONE)  # None: all rows (a stream: the rows to read)
     weight: float = checked(1.0, POSITIVE)  # how many times each row is seen per epoch (fractions subsample)

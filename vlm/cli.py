@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         "file, a folder, or a hub id",
     )
     evaluate.add_argument("--subset", help="the hub dataset's configuration")
-    evaluate.add_argument("--split", default="test", help="default: test (a local file takes any split name)")
+    evaluate.add_argument(
+        "--split",
+        default="test",
+        help="default: test (a local file takes any split name); sliced like datasets' splits: 'train[:5%%]'",
+    )
     evaluate.add_argument(
         "--column",
         action="append",

@@ -36,6 +36,11 @@ exist, a kind its columns do not fit) raises `DataError` when it is opened, befo
 `capitalise` (a share, 0 to 1) starts that share of rows' user turns with a capital letter: drawn per visit in
 training (`conversations` lists both forms for preparing ahead), fixed per row for evaluation.
 
+`split` may be sliced as `datasets` slices one, for any source that is not generated: `"train[:5%]"`,
+`"train[5%:]"`, `"train[-1000:]"`, `"train[:90%]+test"` (rows by position, percentages rounded to the closest
+row, the same arithmetic as `datasets.ReadInstruction`). That is the validation set of data with no validation
+split: `data.eval` reads `train[:5%]` while `data.train` reads `train[5%:]`. `limit` then samples the slice.
+
 Streaming (`streaming=True`): the rows are read in order and never held; row i is the i-th of the stream
 (the training loop asks for rows in order within an epoch, and restarts the stream for the next, or after a
 resume, by skipping to the row it needs). Its length is `limit`, or the split's size when the dataset's card
@@ -50,8 +55,8 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +139,13 @@ class DataSpec:
             raise DataError(f"{self.name}: {err}") from None
         if self.kind not in KINDS:
             raise DataError(f"{self.name}: kind {self.kind!r} is not one of {list(KINDS)}")
+        if sliced(self.split):
+            split_names(self.split, self.name)  # a slice that does not parse fails here, not mid-run
+            if self.streaming:
+                raise DataError(
+                    f"{self.name}: split {self.split!r}: a stream is read in order, not sliced; use limit "
+                    "(its first rows) or read it without streaming"
+                )
         fields = FIELDS[self.kind]
         for ours, theirs in self.columns.items():
             if ours not in fields:
@@ -156,11 +168,19 @@ def open_data(spec: DataSpec) -> Rows:
     from vlm.data.sources import SOURCES
 
     if spec.kind == "vqa" and spec.name in ("easy-vqa", "easy_vqa"):
+        if sliced(spec.split):
+            parts = _packaged_splits(spec, lambda name: datasets.Dataset.from_list(load_easy_vqa_rows(name)))
+            return Rows(spec, _sample(spec, _slice(spec, parts)), Path.cwd())
         rows = load_easy_vqa_rows(spec.split, limit=spec.limit, seed=spec.seed)
         return Rows(spec, datasets.Dataset.from_list(rows), Path.cwd())
     if spec.name in GENERATED:
         from vlm.data import scenes, sort_of_clevr
 
+        if sliced(spec.split):
+            raise DataError(
+                f"{spec.name}: split {spec.split!r}: a generated source is not sliced; its train and test "
+                "splits never share an image, and limit says how many rows to take"
+            )
         generator = scenes if spec.name == "scenes" else sort_of_clevr
         try:  # `subset`: the skills to keep ("count,position")
             built = generator.load_rows(spec.kind, spec.split, limit=spec.limit, subset=spec.subset)
@@ -168,18 +188,81 @@ def open_data(spec: DataSpec) -> Rows:
             raise DataError(f"{spec.name}: {err}") from None
         return Rows(spec, built, Path.cwd(), report=skip_report(built))
     if spec.kind == "caption" and spec.name in SOURCES:
+        if sliced(spec.split):
+            parts = _packaged_splits(spec, lambda name: SOURCES[spec.name](split=name))
+            report = SkipReport(spec.name)  # what the builds of the splits skipped (unreadable files)
+            for part in parts.values():
+                if (part_report := skip_report(part)) is not None:
+                    report.merge(part_report)
+            return Rows(spec, _sample(spec, _slice(spec, parts)), Path.cwd(), report=report)
         built = SOURCES[spec.name](split=spec.split, limit=spec.limit)
         return Rows(spec, built, Path.cwd(), report=skip_report(built))
     if spec.name in SOURCES:  # not to be looked up on the hub under the same name
         kinds = "vqa or caption" if spec.name in ("easy-vqa", "easy_vqa") else "caption"
         raise DataError(f"{spec.name}: a packaged source of kind {kinds}, not {spec.kind}")
     dataset, root, report = _load(spec)
-    if spec.limit is not None:
-        if isinstance(dataset, datasets.IterableDataset):
-            dataset = dataset.take(spec.limit)
-        else:
-            dataset = dataset.select(random_sample(range(len(dataset)), spec.limit, spec.seed))
-    return Rows(spec, dataset, Path(spec.image_root).expanduser() if spec.image_root else root, report=report)
+    return Rows(
+        spec,
+        _sample(spec, dataset),
+        Path(spec.image_root).expanduser() if spec.image_root else root,
+        report=report,
+    )
+
+
+def _sample(
+    spec: DataSpec, dataset: datasets.Dataset | datasets.IterableDataset
+) -> datasets.Dataset | datasets.IterableDataset:
+    """`spec.limit` rows: a fixed random sample by `spec.seed` (a stream: its first rows)."""
+    if spec.limit is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(spec.limit)
+    return dataset.select(random_sample(range(len(dataset)), spec.limit, spec.seed))
+
+
+# -- sliced splits ("train[:5%]") -----------------------------------------------------------------------------
+
+
+def sliced(split: str) -> bool:
+    """Whether a split names a slice or several splits rather than one whole split."""
+    return "[" in split or "+" in split
+
+
+def split_names(split: str, source: str = "") -> list[str]:
+    """The splits a sliced split reads, in order ("train[:90%]+test" -> train, test); `DataError` if `datasets`
+    cannot parse it."""
+    try:
+        datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as err:
+        raise DataError(
+            f"{source}: split {split!r}: {err} (a slice reads like 'train[:5%]', 'train[100:]' or 'train+test')"
+        ) from None
+    return [part.split("[", 1)[0].strip() for part in split.split("+")]
+
+
+def _slice(spec: DataSpec, parts: Mapping[str, datasets.Dataset]) -> datasets.Dataset:
+    """The rows `spec.split` selects from its whole splits `parts`, as `datasets` would select them."""
+    lengths = {name: len(part) for name, part in parts.items()}
+    pieces = [
+        parts[i.splitname].select(range(i.from_, i.to))
+        for i in datasets.ReadInstruction.from_spec(spec.split).to_absolute(lengths)
+    ]
+    rows = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
+    if len(rows) == 0:
+        sizes = ", ".join(f"{name} {n:,} rows" for name, n in lengths.items())
+        raise DataError(f"{spec.name}: split {spec.split!r} selects no row ({sizes})")
+    return rows
+
+
+def _packaged_splits(spec: DataSpec, read: Callable[[str], datasets.Dataset]) -> dict[str, datasets.Dataset]:
+    """Each whole split a sliced `spec.split` names of a packaged source, by `read(split)`."""
+    parts = {}
+    for name in split_names(spec.split, spec.name):
+        try:
+            parts[name] = read(name)
+        except ValueError as err:  # a split the source does not have
+            raise DataError(f"{spec.name}: split {spec.split!r}: {err}") from None
+    return parts
 
 
 def _load(spec: DataSpec) -> tuple[datasets.Dataset | datasets.IterableDataset, Path, SkipReport | None]:
@@ -191,6 +274,10 @@ def _load(spec: DataSpec) -> tuple[datasets.Dataset | datasets.IterableDataset, 
         builder = FILE_TYPES.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"{spec.name}: a data file must be one of {', '.join(FILE_TYPES)}")
+        if sliced(spec.split):  # a file is one split, whatever it is called: read it whole, then slice it
+            (whole,) = _one_split(spec)
+            data, root, report = _load(replace(spec, split=whole))
+            return _slice(spec, {whole: data}), root, report
         try:
             data = _load_dataset(spec, builder, data_files={spec.split: str(path)})
             if not spec.streaming:
@@ -209,15 +296,31 @@ def _load(spec: DataSpec) -> tuple[datasets.Dataset | datasets.IterableDataset, 
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
             loaded = datasets.load_from_disk(str(path))
+            names = split_names(spec.split, spec.name) if sliced(spec.split) else [spec.split]
             if isinstance(loaded, datasets.DatasetDict):
-                if spec.split not in loaded:
-                    raise DataError(f"{spec.name}: no split {spec.split!r}; splits are {list(loaded)}")
-                loaded = loaded[spec.split]
+                if missing := [name for name in names if name not in loaded]:
+                    raise DataError(f"{spec.name}: no split {missing[0]!r}; splits are {list(loaded)}")
+                parts = {name: loaded[name] for name in names}
+            else:  # one saved Dataset is one split, whatever it is called
+                parts = dict.fromkeys(_one_split(spec) if sliced(spec.split) else names, loaded)
+            if sliced(spec.split):
+                return _slice(spec, parts), path, None
+            loaded = parts[spec.split]
             return (loaded.to_iterable_dataset() if spec.streaming else loaded), path, None
         return _load_dataset(spec, str(path)), path, None
     if looks_local:
         raise DataError(f"{spec.name}: no such file or folder")
     return _load_dataset(spec, spec.name), Path.cwd(), None
+
+
+def _one_split(spec: DataSpec) -> list[str]:
+    """The one split a sliced split of a file or of a saved Dataset may name (it has no other)."""
+    names = split_names(spec.split, spec.name)
+    if len(set(names)) > 1:
+        raise DataError(
+            f"{spec.name}: split {spec.split!r}: names {len(set(names))} splits; this data is one"
+        )
+    return names[:1]
 
 
 _JSON = "vlm_json"  # the one column of a JSON file read line by line: each row as JSON text
