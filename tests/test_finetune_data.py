@@ -307,6 +307,10 @@ def test_a_run_validates_on_a_slice_held_out_of_its_training_split(
     [final] = [m for m in metrics if "eval_accuracy" in m]
     assert final["eval_examples"] == 2  # red and green
     assert seen and not seen & {"What colour is it? (0)", "What colour is it? (1)"}, seen
+    assert "warning: data.eval reads rows" not in capsys.readouterr().out
+    # evaluating on rows the run trains on is allowed, and said
+    ft.train(finetune_config(tmp_path / "same", tiny_lm_folder, [vqa], held, steps=1))
+    assert "warning: data.eval reads rows data.train[0] trains on" in capsys.readouterr().out
     code = ft.main(
         [
             f"--train.out_dir={tmp_path / 'bad'}",

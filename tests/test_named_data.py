@@ -35,7 +35,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from vlm.data.named import CAPTION_PROMPTS, BadRow, DataError, DataSpec, Rows, open_data
+from vlm.data.named import CAPTION_PROMPTS, BadRow, DataError, DataSpec, Rows, open_data, reads_rows_of
 
 datasets.disable_progress_bars()
 
@@ -1123,3 +1123,19 @@ def test_bad_slices_fail_when_opened(data: Path) -> None:
         open_("vqa", path, split="train[:1]+test[:1]")  # a file is one split
     with pytest.raises(DataError, match="generated source is not sliced"):
         open_data(DataSpec("vqa", "scenes", split="train[:5%]"))
+
+
+def test_an_eval_set_inside_a_training_source_is_told_from_the_specs() -> None:
+    def spec(name: str = "d.jsonl", split: str = "train", **kw: Any) -> DataSpec:
+        return DataSpec("vqa", name, split=split, **kw)
+
+    whole = spec()
+    assert reads_rows_of(spec(), whole)
+    assert reads_rows_of(spec(split="train[:5%]", limit=10), whole)  # a slice or a sample of the same split
+    assert not reads_rows_of(spec(split="train[:5%]"), spec(split="train[5%:]"))  # the user cut them apart
+    assert not reads_rows_of(spec(split="test"), whole)
+    assert not reads_rows_of(spec(split="train[:5%]+test"), whole)  # test rows are not trained on
+    assert not reads_rows_of(spec("other.jsonl"), whole)
+    assert not reads_rows_of(spec(columns={"question": "q"}), whole)
+    assert not reads_rows_of(DataSpec("caption", "d.jsonl"), whole)
+    assert not reads_rows_of(spec("scenes", split="train"), spec("scenes", split="train", limit=5))

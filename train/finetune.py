@@ -60,7 +60,7 @@ from vlm.config import (  # noqa: E402
     to_dict,
 )
 from vlm.data.common import SkipReport, SourceUnavailable  # noqa: E402
-from vlm.data.named import DataError, DataSpec, Rows, open_data  # noqa: E402
+from vlm.data.named import DataError, DataSpec, Rows, open_data, reads_rows_of  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
 from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
 from vlm.model import Batch, VisionLanguageModel, VLMConfig, load_vision_tower  # noqa: E402
@@ -462,6 +462,13 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
 
     for source in sources:  # rows lost before training (a JSON file's unreadable lines, a packaged build's)
         log_skips(log, source.report)
+    for i, source in enumerate(cfg.data.train):
+        if cfg.data.eval is not None and reads_rows_of(cfg.data.eval.spec(), source.spec()):
+            log(
+                f"warning: data.eval reads rows data.train[{i}] trains on ({source.name}, split "
+                f"{cfg.data.eval.split!r} of {source.split!r}): its score is not a held-out one; to hold rows "
+                "out, slice the split: data.eval split 'train[:5%]', data.train split 'train[5%:]'"
+            )
     streamed = [i for i, source in enumerate(sources) if source.streaming]
     stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed, streamed)
     log(stream.describe(t.batch_size * accelerator.num_processes * t.grad_accum, t.steps))
