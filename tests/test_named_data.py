@@ -1134,7 +1134,8 @@ def test_an_eval_set_inside_a_training_source_is_told_from_the_specs() -> None:
     assert reads_rows_of(spec(split="train[:5%]", limit=10), whole)  # a slice or a sample of the same split
     assert not reads_rows_of(spec(split="train[:5%]"), spec(split="train[5%:]"))  # the user cut them apart
     assert not reads_rows_of(spec(split="test"), whole)
-    assert not reads_rows_of(spec(split="train[:5%]+test"), whole)  # test rows are not trained on
+    assert reads_rows_of(spec(split="train[:5%]+test"), whole)  # its train rows are trained on
+    assert not reads_rows_of(spec(split="test[:5%]"), whole)
     assert not reads_rows_of(spec("other.jsonl"), whole)
     assert not reads_rows_of(spec(columns={"question": "q"}), whole)
     assert not reads_rows_of(DataSpec("caption", "d.jsonl"), whole)

@@ -241,16 +241,16 @@ def split_names(split: str, source: str = "") -> list[str]:
 
 
 def reads_rows_of(spec: DataSpec, whole: DataSpec) -> bool:
-    """Whether every row `spec` reads is one `whole` reads too, said from the specs alone: the same data
-    (kind, name, subset, columns, image root) and `whole` one unsliced split that `spec` reads from. An
-    evaluation set that a training source contains scores rows the model learns; two slices of one split are
-    taken to be apart (their lengths decide, and the user chose them)."""
+    """Whether `spec` reads rows that `whole` reads too, said from the specs alone: the same data (kind, name,
+    subset, columns, image root), `whole` one unsliced split, and `spec` reading from it. An evaluation set
+    that shares rows with a training source scores rows the model learns; two slices of one split are taken to
+    be apart (their lengths decide, and the user chose them)."""
     same = (spec.kind, spec.name, spec.subset, dict(spec.columns), spec.image_root) == (
         whole.kind, whole.name, whole.subset, dict(whole.columns), whole.image_root
     )  # fmt: skip
     if not same or sliced(whole.split) or spec.name in GENERATED:  # generated: limit decides, never a slice
         return False
-    return set(split_names(spec.split, spec.name) if sliced(spec.split) else [spec.split]) == {whole.split}
+    return whole.split in (split_names(spec.split, spec.name) if sliced(spec.split) else [spec.split])
 
 
 def _slice(spec: DataSpec, parts: Mapping[str, datasets.Dataset]) -> datasets.Dataset:
