@@ -993,6 +993,26 @@ def test_streaming_reads_in_order_restarts_and_wraps(data: Path, kind: str) -> N
     assert [e["question"] for e in stream.eval_rows()] == ["q0?", "q1?", "q2?", "q3?"]
 
 
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_a_stream_is_sliced_by_rows_from_its_start(data: Path, kind: str) -> None:
+    """A hub set too big to download with no validation split: evaluate on its first rows, train on the rest."""
+    path = _six_rows(data, kind)
+    head = open_("vqa", path, streaming=True, split="train[:2]")
+    assert head.streaming and len(head) == 2
+    assert [e["question"] for e in head.eval_rows()] == ["q0?", "q1?"]
+    with pytest.raises(DataError, match="limit"):  # the rest of a stream of unknown length
+        open_("vqa", path, streaming=True, split="train[2:]")
+    rest = open_("vqa", path, streaming=True, split="train[2:]", limit=3)
+    assert len(rest) == 3 and [rest.row(i)["question"] for i in range(3)] == ["q2?", "q3?", "q4?"]
+    assert rest.row(1)["question"] == "q3?"  # an earlier row restarts the stream at the slice's row 1
+    mapped = open_("vqa", path)  # caches the split's size, which the stream's card then states
+    rest = open_("vqa", path, streaming=True, split="train[2:]")
+    assert len(rest) == 4 and [rest.row(i) for i in range(4)] == [mapped.row(i) for i in range(2, 6)]
+    assert rest.row(4)["question"] == "q2?"  # past the end: wraps to the slice's start
+    with pytest.raises(DataError, match="selects no row"):
+        open_("vqa", path, streaming=True, split="train[6:]")
+
+
 def test_streaming_json_read_line_by_line(data: Path) -> None:
     path = data / "six.jsonl"
     rows_in = [{"image": "img/red.png", "question": f"q{i}?", "answers": f"a{i}"} for i in range(3)]
@@ -1115,8 +1135,11 @@ def test_bad_slices_fail_when_opened(data: Path) -> None:
     path = write_jsonl(data / "q.jsonl", [{"image": "img/red.png", "question": "q?", "answers": "a"}] * 3)
     with pytest.raises(DataError, match="a slice reads like"):
         DataSpec("vqa", str(path), split="train[:five%]")
-    with pytest.raises(DataError, match="a stream is read in order"):
-        DataSpec("vqa", str(path), split="train[:50%]", streaming=True)
+    for split in ("train[:50%]", "train[-2:]", "train[:1]+train[2:]"):
+        with pytest.raises(DataError, match="a stream is sliced by rows from its start"):
+            DataSpec("vqa", str(path), split=split, streaming=True)
+    with pytest.raises(DataError, match="selects no row"):
+        DataSpec("vqa", str(path), split="train[2:2]", streaming=True)
     with pytest.raises(DataError, match="selects no row"):
         open_("vqa", path, split="train[:10%]")  # 0.3 rows rounds to none
     with pytest.raises(DataError, match="names 2 splits"):

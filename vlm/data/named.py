@@ -44,7 +44,8 @@ split: `data.eval` reads `train[:5%]` while `data.train` reads `train[5%:]`. `li
 Streaming (`streaming=True`): the rows are read in order and never held; row i is the i-th of the stream
 (the training loop asks for rows in order within an epoch, and restarts the stream for the next, or after a
 resume, by skipping to the row it needs). Its length is `limit`, or the split's size when the dataset's card
-states it.
+states it. A stream is sliced by row numbers from its start only (`train[:1000]` to evaluate on, `train[1000:]`
+to train on): a percentage or a negative index needs a length it does not know.
 """
 
 from __future__ import annotations
@@ -142,10 +143,7 @@ class DataSpec:
         if sliced(self.split):
             split_names(self.split, self.name)  # a slice that does not parse fails here, not mid-run
             if self.streaming:
-                raise DataError(
-                    f"{self.name}: split {self.split!r}: a stream is read in order, not sliced; use limit "
-                    "(its first rows) or read it without streaming"
-                )
+                stream_slice(self.split, self.name)
         fields = FIELDS[self.kind]
         for ours, theirs in self.columns.items():
             if ours not in fields:
@@ -200,7 +198,13 @@ def open_data(spec: DataSpec) -> Rows:
     if spec.name in SOURCES:  # not to be looked up on the hub under the same name
         kinds = "vqa or caption" if spec.name in ("easy-vqa", "easy_vqa") else "caption"
         raise DataError(f"{spec.name}: a packaged source of kind {kinds}, not {spec.kind}")
-    dataset, root, report = _load(spec)
+    if spec.streaming and sliced(spec.split):  # rows from the stream's start: skip, then take
+        name, start, stop = stream_slice(spec.split, spec.name)
+        dataset, root, report = _load(replace(spec, split=name))
+        dataset = dataset.skip(start) if start else dataset
+        dataset = dataset.take(stop - start) if stop is not None else dataset
+    else:
+        dataset, root, report = _load(spec)
     return Rows(
         spec,
         _sample(spec, dataset),
@@ -238,6 +242,28 @@ def split_names(split: str, source: str = "") -> list[str]:
             f"{source}: split {split!r}: {err} (a slice reads like 'train[:5%]', 'train[100:]' or 'train+test')"
         ) from None
     return [part.split("[", 1)[0].strip() for part in split.split("+")]
+
+
+_STREAM_SLICE = re.compile(r"^\s*([\w.]+)\[\s*(\d*)\s*:\s*(\d*)\s*\]\s*$")
+
+
+def stream_slice(split: str, source: str = "") -> tuple[str, int, int | None]:
+    """A streamed split's slice as (split, first row, row after the last or None): a stream is read from its
+    start, so it is sliced by row numbers from there ("train[:1000]", "train[1000:]"); `DataError` for a
+    percentage, a negative index or several splits, which need lengths a stream does not know."""
+    if not sliced(split):
+        return split, 0, None
+    found = _STREAM_SLICE.match(split)
+    if found is None:
+        raise DataError(
+            f"{source}: split {split!r}: a stream is sliced by rows from its start ('train[:1000]', "
+            "'train[1000:]'); percentages, negative indices and several splits need its length: read it "
+            "without streaming"
+        )
+    name, start, stop = found[1], int(found[2] or 0), int(found[3]) if found[3] else None
+    if stop is not None and stop <= start:
+        raise DataError(f"{source}: split {split!r} selects no row")
+    return name, start, stop
 
 
 def reads_rows_of(spec: DataSpec, whole: DataSpec) -> bool:
@@ -484,11 +510,18 @@ class Rows:
     def _measure(self) -> int:
         if not self.streaming:
             return len(self.dataset)
-        if self.spec.limit is not None:
-            return self.spec.limit
+        name, start, stop = stream_slice(self.spec.split, self.spec.name)
+        known = [n for n in (self.spec.limit, None if stop is None else stop - start) if n is not None]
+        if known:  # `limit` past the end wraps around (`row`), so the card does not cap it
+            return min(known)
         splits = self.dataset.info.splits if self.dataset.info else None
-        if splits and self.spec.split in splits and splits[self.spec.split].num_examples:
-            return splits[self.spec.split].num_examples
+        if splits and name in splits and splits[name].num_examples:
+            if splits[name].num_examples <= start:
+                raise DataError(
+                    f"{self.spec.name}: split {self.spec.split!r} selects no row ({name} has "
+                    f"{splits[name].num_examples:,})"
+                )
+            return splits[name].num_examples - start
         raise DataError(
             f"{self.spec.name}: a streamed dataset of unknown length: set limit (the rows to read from it)"
         )
