@@ -95,17 +95,15 @@ def set_number(box, value: str, tries: int = 3) -> None:
     reaching the model is asserted on the server, so a retry here hides nothing the test checks."""
     from playwright.sync_api import expect
 
-    for _ in range(tries - 1):
+    for attempt in range(tries):
         box.fill(value)
         box.press("Enter")
         try:
             expect(box).to_have_value(value, timeout=2_000)
             return
         except AssertionError:
-            continue
-    box.fill(value)
-    box.press("Enter")
-    expect(box).to_have_value(value)
+            if attempt == tries - 1:
+                raise
 
 
 def ask(page, question: str) -> None:

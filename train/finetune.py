@@ -467,7 +467,7 @@ def setup(cfg: FinetuneConfig, resume: bool) -> Run:
             log(
                 f"warning: data.eval reads rows data.train[{i}] trains on ({source.name}, split "
                 f"{cfg.data.eval.split!r} of {source.split!r}): its score is not a held-out one; to hold rows "
-                "out, slice the split: data.eval split 'train[:5%]', data.train split 'train[5%:]'"
+                f"out, slice the split: data.eval split '{source.split}[:5%]', data.train split '{source.split}[5%:]'"
             )
     streamed = [i for i, source in enumerate(sources) if source.streaming]
     stream = Stream([len(s) for s in sources], [s.weight for s in cfg.data.train], t.seed, streamed)
