@@ -1163,3 +1163,6 @@ def test_an_eval_set_inside_a_training_source_is_told_from_the_specs() -> None:
     assert not reads_rows_of(spec(columns={"question": "q"}), whole)
     assert not reads_rows_of(DataSpec("caption", "d.jsonl"), whole)
     assert not reads_rows_of(spec("scenes", split="train"), spec("scenes", split="train", limit=5))
+    flags = DataSpec("caption", "flags", split="test")  # a packaged source's "all" holds its test split
+    assert reads_rows_of(flags, DataSpec("caption", "flags", split="all"))
+    assert not reads_rows_of(spec(split="test"), spec(split="all"))  # a file's "all" is only a name

@@ -276,6 +276,12 @@ def reads_rows_of(spec: DataSpec, whole: DataSpec) -> bool:
     )  # fmt: skip
     if not same or sliced(whole.split) or spec.name in GENERATED:  # generated: limit decides, never a slice
         return False
+    from vlm.data.sources import SOURCES
+
+    if (
+        whole.split == "all" and spec.name in SOURCES
+    ):  # a packaged source's "all" is its train and test splits
+        return True
     return whole.split in (split_names(spec.split, spec.name) if sliced(spec.split) else [spec.split])
 
 
