@@ -320,7 +320,7 @@ def _load(spec: DataSpec) -> tuple[datasets.Dataset | datasets.IterableDataset, 
         if builder is None:
             raise DataError(f"{spec.name}: a data file must be one of {', '.join(FILE_TYPES)}")
         if sliced(spec.split):  # a file is one split, whatever it is called: read it whole, then slice it
-            (whole,) = _one_split(spec)
+            whole = _one_split(spec)
             data, root, report = _load(replace(spec, split=whole))
             return _slice(spec, {whole: data}), root, report
         try:
@@ -341,13 +341,13 @@ def _load(spec: DataSpec) -> tuple[datasets.Dataset | datasets.IterableDataset, 
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
             loaded = datasets.load_from_disk(str(path))
-            names = split_names(spec.split, spec.name) if sliced(spec.split) else [spec.split]
             if isinstance(loaded, datasets.DatasetDict):
+                names = split_names(spec.split, spec.name) if sliced(spec.split) else [spec.split]
                 if missing := [name for name in names if name not in loaded]:
                     raise DataError(f"{spec.name}: no split {missing[0]!r}; splits are {list(loaded)}")
                 parts = {name: loaded[name] for name in names}
             else:  # one saved Dataset is one split, whatever it is called
-                parts = dict.fromkeys(_one_split(spec) if sliced(spec.split) else names, loaded)
+                parts = {_one_split(spec) if sliced(spec.split) else spec.split: loaded}
             if sliced(spec.split):
                 return _slice(spec, parts), path, None
             loaded = parts[spec.split]
@@ -358,14 +358,14 @@ def _load(spec: DataSpec) -> tuple[datasets.Dataset | datasets.IterableDataset, 
     return _load_dataset(spec, spec.name), Path.cwd(), None
 
 
-def _one_split(spec: DataSpec) -> list[str]:
+def _one_split(spec: DataSpec) -> str:
     """The one split a sliced split of a file or of a saved Dataset may name (it has no other)."""
     names = split_names(spec.split, spec.name)
     if len(set(names)) > 1:
         raise DataError(
             f"{spec.name}: split {spec.split!r}: names {len(set(names))} splits; this data is one"
         )
-    return names[:1]
+    return names[0]
 
 
 _JSON = "vlm_json"  # the one column of a JSON file read line by line: each row as JSON text
