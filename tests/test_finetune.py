@@ -25,6 +25,7 @@ from scripts import ROOT, load_script
 from vlm.config import dump, load_config
 from vlm.conversation import user
 from vlm.data import SOURCES, SourceUnavailable
+from vlm.lora import LoraSettings, add_lora, lora_modules
 from vlm.model import VisionLanguageModel
 from vlm.weights import load_vision_encoder
 
@@ -82,7 +83,8 @@ def tiny(cfg: ft.FinetuneConfig, out: Path, lm: Path, tower: Path | None, **trai
                   num_attention_heads=2)  # fmt: skip
     model = replace(cfg.model, lm=str(lm), **({"vision": str(tower)} if cfg.model.vision else shapes))
     if cfg.model.init:
-        model = replace(model, init=str(saved_stand_in(out / "init", lm)))
+        # its adapter the one the YAML's lora section describes, as the step before it saved one
+        model = replace(model, init=str(saved_stand_in(out / "init", lm, ft.lora_settings(cfg))))
     data = replace(
         cfg.data,
         train=tuple(replace(s, limit=min(s.limit or 8, 8)) for s in cfg.data.train),
@@ -94,19 +96,18 @@ def tiny(cfg: ft.FinetuneConfig, out: Path, lm: Path, tower: Path | None, **trai
     return replace(cfg, model=model, data=data, train=replace(t, **{**settings, **train}))
 
 
-def saved_stand_in(folder: Path, lm: Path) -> Path:
+def saved_stand_in(folder: Path, lm: Path, settings: LoraSettings | None = None) -> Path:
     """What a recipe's earlier step saves (`runs/easyvqa_offline/final`: tower, pixel-shuffle projector with
-    the pooled token, LoRA adapter) at tiny shapes around the tiny LM in `lm`."""
+    the pooled token, LoRA adapter: `settings`, else r 4, alpha 8) at tiny shapes around the tiny LM in `lm`."""
     from tiny import VISION, save_vlm
 
-    from vlm.lora import LoraSettings, add_lora
     from vlm.model import DEFAULT_CONFIG
 
     projector = replace(DEFAULT_CONFIG.projector, vision_hidden_size=VISION.hidden_size, text_hidden_size=48)
     config = replace(DEFAULT_CONFIG, vision=VISION, projector=projector, lm_source=str(lm))
     torch.manual_seed(3)
     model = VisionLanguageModel.build(config)
-    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    settings = settings or LoraSettings(r=4, alpha=8, dropout=0.0)
     add_lora(model, settings)
     return save_vlm(model, folder, lm, settings)
 
@@ -704,3 +705,43 @@ def tiny_pretrain(cfg: pt.PretrainConfig, out: Path) -> pt.PretrainConfig:
             warmup_steps=1,
         ),  # fmt: skip
     )
+
+
+def test_an_init_models_adapter_is_trained_on_only_as_the_config_describes_it(
+    tmp_path, tiny_lm_folder, capsys
+) -> None:
+    """A run from a saved model trains that model's adapter and saves it under the config's lora section: a
+    rank, alpha or target that differ from the adapter's would save one that fails to load or loads scaled
+    wrongly (alpha / r), so they are refused, before any step, with what differs and the two ways on. The
+    dropout is the run's: the adapter's layers take it."""
+    folder = saved_stand_in(
+        tmp_path / "init", tiny_lm_folder
+    )  # r 4, alpha 8, dropout 0, the LM's projections
+    base = [
+        f"--model.init={folder}", "--data.train=[{kind: vqa, name: easy-vqa, limit: 8}]", "--data.eval=null",
+        f"--train.out_dir={tmp_path / 'run'}", "--train.steps=1", "--train.batch_size=2", "--train.warmup_steps=1",
+        "--train.bf16=false", "--train.checkpoint_every=100",
+    ]  # fmt: skip
+    for flags, differs in [
+        (["--lora.r=8", "--lora.alpha=8"], "r 4, not 8"),
+        (["--lora.r=4", "--lora.alpha=32"], "alpha 8, not 32"),
+        (
+            ["--lora.r=4", "--lora.alpha=8", r"--lora.target=lm\.model\.layers\.\d+\.self_attn\.(q|v)_proj"],
+            "target",
+        ),
+        (["--lora.r=4", "--lora.alpha=8", "--model.train_vision=lora"], "modules it lacks (vision.encoder"),
+    ]:
+        assert ft.main([*base, *flags]) == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert error.startswith("error: model.init's LoRA adapter") and differs in error and "vlm merge" in error
+        assert not (tmp_path / "run" / "final").exists()
+
+    cfg = load_config(ft.FinetuneConfig, None, [*base, "--lora.r=4", "--lora.alpha=8", "--lora.dropout=0.25"])
+    model = ft.build_model(cfg)
+    ft.make_trainable(model, ft.lora_settings(cfg), gradient_checkpointing=False)
+    dropouts = [m.lora_dropout["default"] for n, m in model.named_modules() if n in lora_modules(model)]
+    assert dropouts and all(isinstance(d, torch.nn.Dropout) and d.p == 0.25 for d in dropouts)
+    ft.train(cfg)
+    saved = json.loads((tmp_path / "run" / "final" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (4, 8)
+    VisionLanguageModel.from_pretrained(tmp_path / "run" / "final")  # loads: the adapter fits its settings

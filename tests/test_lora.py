@@ -130,6 +130,36 @@ def test_not_an_adapter_folder(parts, tmp_path) -> None:
         load_adapter(build(parts), tmp_path)
 
 
+def test_an_adapter_whose_weights_do_not_fit_its_config_is_refused_in_one_line(parts, tmp_path) -> None:
+    """An adapter_config.json that records another rank than its weights were trained with (as a run that
+    saved its config's settings over the adapter it was given once did) is a CheckpointError naming the
+    folder and a mismatched tensor, not torch's page of size mismatches."""
+    vlm = build(parts)
+    add_lora(vlm, LoraSettings(r=4, alpha=8, dropout=0.0))
+    save_adapter(vlm, tmp_path / "adapter", LoraSettings(r=2, alpha=4, dropout=0.0))
+    with pytest.raises(
+        CheckpointError, match=r"do not fit its adapter_config.json \(r=2\): size mismatch"
+    ) as err:
+        load_adapter(build(parts), tmp_path / "adapter")
+    assert str(tmp_path / "adapter") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_adapter_already_there_is_compared_with_the_settings_of_a_run(parts) -> None:
+    """`adapter_differences`: nothing when rank, alpha and target agree; each that differs, named."""
+    from vlm.lora import adapter_differences
+
+    vlm = build(parts)
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    add_lora(vlm, settings)
+    assert adapter_differences(vlm, settings) == []
+    assert adapter_differences(vlm, LoraSettings(r=4, alpha=8, dropout=0.3)) == []  # dropout is the run's
+    assert adapter_differences(vlm, LoraSettings(r=8, alpha=16)) == ["r 4, not 8", "alpha 8, not 16"]
+    (target,) = adapter_differences(
+        vlm, LoraSettings(r=4, alpha=8, target=r"lm\.model\.layers\.0\.mlp\.up_proj")
+    )
+    assert target.startswith("target: 0 modules it lacks () and 13 the target would not adapt")
+
+
 def test_adapter_on_text_false_leaves_text_only_chat_to_the_base_lm(parts) -> None:
     base = build(parts)  # the same seed: the same tower, projector and LM, and no adapter
     vlm = build(parts, adapter_on_text=False)

@@ -62,7 +62,15 @@ from vlm.config import (  # noqa: E402
 from vlm.data.common import SkipReport, SourceUnavailable  # noqa: E402
 from vlm.data.named import DataError, DataSpec, Rows, open_data, reads_rows_of  # noqa: E402
 from vlm.lm import DEFAULT_LM  # noqa: E402
-from vlm.lora import LM_ALL_LINEAR, LoraSettings, add_lora, lora_modules, save_adapter  # noqa: E402
+from vlm.lora import (  # noqa: E402
+    LM_ALL_LINEAR,
+    LoraSettings,
+    adapter_differences,
+    add_lora,
+    lora_modules,
+    save_adapter,
+    set_dropout,
+)
 from vlm.model import Batch, VisionLanguageModel, VLMConfig, load_vision_tower  # noqa: E402
 from vlm.pipeline import StepBatches, default_workers, prepare_ahead, step_loader  # noqa: E402
 from vlm.projector import ProjectorConfig, check_divisible  # noqa: E402
@@ -335,9 +343,21 @@ def lora_settings(cfg: FinetuneConfig) -> LoraSettings:
 
 def make_trainable(model: VisionLanguageModel, settings: LoraSettings, gradient_checkpointing: bool) -> None:
     """LoRA on the LM (unless the model brought its adapter: a checkpoint or an `init` folder does), the
-    `freeze`d parts frozen and every LoRA weight trainable, whatever it sits under."""
+    `freeze`d parts frozen and every LoRA weight trainable, whatever it sits under.
+
+    A brought adapter is trained on as it is, so it must be the one `settings` describe: the run saves its
+    adapter under these settings, and a rank, alpha or target that differ would save an adapter that does not
+    load, or loads scaled wrongly (alpha / r). Its dropout is the run's own."""
     if not lora_modules(model):
         add_lora(model, settings)
+    elif differences := adapter_differences(model, settings):
+        raise ValueError(
+            f"model.init's LoRA adapter is not the config's lora section ({'; '.join(differences)}): set lora "
+            "r, alpha and target to the adapter's (its adapter/adapter_config.json, vlm_lora) to train it on, "
+            "or fold it into the model first (`vlm merge INIT OUT`, then model.init: OUT) to train a new one"
+        )
+    else:
+        set_dropout(model, settings.dropout)
     model.freeze(model.config.freeze)
     for name, p in model.named_parameters():
         p.requires_grad |= "lora_" in name

@@ -15,6 +15,7 @@ References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 202
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,6 +72,47 @@ def lora_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
+def adapter_differences(model: nn.Module, settings: LoraSettings) -> list[str]:
+    """How the adapter `model` already has differs from the one `settings` would inject: its rank, its alpha
+    (together they scale every update: alpha / r), the modules it adapts. Empty when they agree. Dropout is not
+    compared: it shapes training, not the adapter (`set_dropout`)."""
+    adapted = lora_modules(model)
+    layers = [model.get_submodule(name) for name in adapted]
+    ranks = sorted({layer.r[a] for layer in layers for a in layer.active_adapters})
+    alphas = sorted({layer.lora_alpha[a] for layer in layers for a in layer.active_adapters})
+    differences = []
+    if ranks != [settings.r]:
+        differences.append(f"r {'/'.join(map(str, ranks))}, not {settings.r}")
+    if alphas != [settings.alpha]:
+        differences.append(f"alpha {'/'.join(map(str, alphas))}, not {settings.alpha}")
+    inside = tuple(f"{name}." for name in adapted)  # a LoRA layer's own parts (base_layer, lora_A, ...)
+    wanted = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(
+            module, (nn.Linear, LoraLayer)
+        )  # what peft's LoRA adapts here (bitsandbytes' layers too)
+        and re.fullmatch(settings.target, name)
+        and not name.startswith(inside)
+    }
+    if wanted != set(adapted):
+        lacking, extra = sorted(wanted - set(adapted)), sorted(set(adapted) - wanted)
+        differences.append(
+            f"target: {len(lacking)} modules it lacks ({', '.join(lacking[:2])}{', ...' if len(lacking) > 2 else ''})"
+            f" and {len(extra)} the target would not adapt ({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''})"
+        )
+    return differences
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every LoRA layer's dropout (on the layer's input, before A) set to `p`: a loaded adapter trains with
+    the dropout its run asks for, whatever the run that made it used."""
+    for name in lora_modules(model):
+        layer = model.get_submodule(name)
+        for adapter in layer.active_adapters:
+            layer.lora_dropout[adapter] = nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def save_adapter(model: nn.Module, directory: str | Path, settings: LoraSettings) -> Path:
     """peft's adapter format: adapter_config.json (with our settings beside it) + adapter_model.safetensors."""
     directory = Path(directory)
@@ -98,7 +140,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
     )
     add_lora(model, settings)
     state = load_file(directory / ADAPTER_WEIGHTS)
-    result = set_peft_model_state_dict(model, state)
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as err:  # torch's size mismatches: weights saved under other settings than recorded
+        problem = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise CheckpointError(
+            f"{directory}: the adapter's weights do not fit its {ADAPTER_CONFIG} (r={settings.r}): {problem}"
+        ) from err
     unexpected = getattr(result, "unexpected_keys", [])
     missing = [k for k in get_peft_model_state_dict(model) if k not in state]
     if unexpected or missing:
