@@ -59,6 +59,9 @@ def test_embed_one_liner_accepts_paths_images_and_tensors(images, checkpoint) ->
         embed_images(encoder, pixels, pooled=False), encoder.embed(pixels, pooled=False)
     )
     assert embed_images(encoder, []).shape == (0, 32)
+    # one image, given alone (a path as str or Path, a PIL image): a batch of one, not a string of letters
+    for one in (str(files[0]), files[0], Image.open(files[0])):
+        torch.testing.assert_close(embed_images(encoder, one), want[:1])
 
 
 def test_embed_without_head_pools_by_mean(checkpoint, tmp_path) -> None:

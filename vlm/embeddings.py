@@ -21,27 +21,34 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vlm.checks import positive_int
-from vlm.processing import ImageLoadError, ImageSource, SiglipImageProcessor, iter_image_files, load_image
+from vlm.processing import (
+    ImageLoadError,
+    ImageSource,
+    SiglipImageProcessor,
+    image_sequence,
+    iter_image_files,
+    load_image,
+)
 from vlm.siglip import SiglipVisionEncoder
 from vlm.weights import atomic_file
 
 
 def embed_images(
     encoder: SiglipVisionEncoder,
-    images: torch.Tensor | Sequence[ImageSource],
+    images: torch.Tensor | ImageSource | Sequence[ImageSource],
     pooled: bool = True,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """Images (paths, PIL images, bytes, or preprocessed (B, C, H, W) pixels) -> float32 embeddings: (B, D)
-    pooled (`SiglipVisionEncoder.embed`), or (B, N, D) patch embeddings with `pooled=False`, on the encoder's
-    device (the pixels are moved to it).
+    """Images (paths, PIL images, bytes, or preprocessed (B, C, H, W) pixels; one image is a batch of one) ->
+    float32 embeddings: (B, D) pooled (`SiglipVisionEncoder.embed`), or (B, N, D) patch embeddings with
+    `pooled=False`, on the encoder's device (the pixels are moved to it).
 
     Images are decoded and preprocessed a batch at a time, so a long list never sits in memory as pixels;
     an unreadable image raises `ImageLoadError` naming it (`embed_files` skips such files instead)."""
     positive_int(batch_size, "batch_size")
     if isinstance(images, torch.Tensor):
         return encoder.embed(images, pooled=pooled, batch_size=batch_size)
-    processor = SiglipImageProcessor(encoder.config.image_size)
+    images, processor = image_sequence(images), SiglipImageProcessor(encoder.config.image_size)
     outs = [
         encoder.embed(
             processor(list(images[start : start + batch_size])), pooled=pooled, batch_size=batch_size

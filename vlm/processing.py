@@ -313,15 +313,21 @@ class SiglipImageProcessor:
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
         """One image or a sequence of images (paths, PIL images, encoded bytes) -> (n, 3, H, W) float32: one
         tile per image, or with image splitting each image's tiles in turn."""
-        if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
-            images = [images]
-        elif not isinstance(images, Sequence):
-            raise TypeError(
-                f"expected an image or a sequence of images (paths, PIL images, bytes), got {type(images).__name__}"
-            )
+        images = image_sequence(images)
         if len(images) == 0:
             return torch.empty(0, 3, *self.size)
         return torch.cat([self.tiles(image).pixels for image in images])
+
+
+def image_sequence(images: ImageSource | Sequence[ImageSource]) -> Sequence[ImageSource]:
+    """One image as a list of one, a sequence as it is: a path is one image, never a string of letters."""
+    if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+        return [images]
+    if not isinstance(images, Sequence):
+        raise TypeError(
+            f"expected an image or a sequence of images (paths, PIL images, bytes), got {type(images).__name__}"
+        )
+    return images
 
 
 def _unit(images: Sequence[Image.Image]) -> np.ndarray:
