@@ -61,16 +61,25 @@ def test_a_tower_learns_colours_and_the_report_says_so(
 ) -> None:
     """The shipped SigLIP tower, 40 steps on 240 one-shape scenes: colour is easy, so it must be learnt well
     above the 10% of chance (a broken label, head or optimiser step stays near chance)."""
-    out = tmp_path / "probe.json"
-    assert probe_tower.main([*SMALL_COLOR_RUN, "--out", str(out)]) == 0
+    out, plot = tmp_path / "probe.json", tmp_path / "curve.png"
+    assert (
+        probe_tower.main([*SMALL_COLOR_RUN, "--eval-every", "15", "--out", str(out), "--plot", str(plot)])
+        == 0
+    )
     report = json.loads(out.read_text())
     (result,) = report["results"]
     assert report["task"] == "color" and result["model"] == SIGLIP and result["image_size"] == 64
     assert result["accuracy"] > 0.5
     assert result["by_group"] and result["samples_per_s"] > 0
     assert list(result["by_group"]) == [size for size in scenes.SIZES if size in result["by_group"]]
+    # the learning curve: every 15 steps of 32 and the last step, the last point the table's accuracy
+    curve = result["curve"]
+    assert [(p["step"], p["samples"]) for p in curve] == [(15, 480), (30, 960), (40, 1280)]
+    assert curve[-1]["accuracy"] == result["accuracy"] and all(0 <= p["accuracy"] <= 1 for p in curve)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| model | input | color |" in printed and f"{100 * result['accuracy']:.1f}%" in printed
+    assert "| model: color after N samples | 480 | 960 | 1,280 |" in printed
 
 
 def test_a_frozen_tower_is_read_by_the_head_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,7 +91,7 @@ def test_a_frozen_tower_is_read_by_the_head_alone(tmp_path: Path, capsys: pytest
     answers = [probe_tower.labels("color", s)[0] for s in drawn]
     targets = torch.tensor([sorted(set(answers)).index(a) for a in answers])
     pixels = processor([scenes.render(s) for s in drawn])
-    predicted = probe_tower.probe(tower, pixels, targets, 240, 200, 32, 1e-2, 0, frozen=True)
+    predicted = probe_tower.probe(tower, pixels, targets, 240, 200, 32, 1e-2, 0, frozen=True)[200]
     assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
     assert (predicted == targets[240:]).float().mean() > 0.5
     out = tmp_path / "probe.json"
@@ -123,3 +132,5 @@ def test_bad_arguments_are_refused() -> None:
         probe_tower.main([SIGLIP, "--steps", "0"])
     with pytest.raises(SystemExit):
         probe_tower.main([SIGLIP, "--task", "size"])
+    with pytest.raises(SystemExit):
+        probe_tower.main([SIGLIP, "--eval-every", "-1"])

@@ -12,6 +12,8 @@ of `--test` held-out scenes it gets right.
 `--image-size 128` feeds a tower more pixels than it was trained on: the same patches, more of them (8-px
 patches of a 128-px image: 256 tokens instead of 64), the learned position grid resized bicubically as SigLIP
 does for other resolutions — the cheap check of whether a skill is limited by the tower's resolution.
+`--eval-every N` also tests every N steps: a learning curve (held-out accuracy against samples seen; `--plot`
+draws it), the measured answer to "how many samples does this skill want?".
 
 Why: through the VLM a sample costs the LM's forward and backward (4 samples/s on 2 CPU cores), and after
 hundreds of steps a scene answer may still come from the question's prior, which says nothing about the
@@ -87,9 +89,11 @@ def probe(
     lr: float,
     seed: int,
     frozen: bool = False,
-) -> torch.Tensor:
+    eval_every: int = 0,
+) -> dict[int, torch.Tensor]:
     """Train `encoder` (unless `frozen`) and a linear head on `pixels[:n_train]`; the held-out rows'
-    predicted classes. Pixels of another size than the tower's are read with its position grid resized."""
+    predicted classes after the last step, and after every `eval_every` steps before it, by step. Pixels of
+    another size than the tower's are read with its position grid resized."""
     resized = pixels.shape[-1] != encoder.config.image_size
     torch.manual_seed(seed)
     head = torch.nn.Linear(encoder.config.hidden_size, int(targets.max()) + 1)
@@ -108,16 +112,26 @@ def probe(
     else:
         encoder.train()
         inputs, features = pixels, pooled
-    for _ in tqdm(range(steps), desc="probe", leave=False):
+
+    def predicted() -> torch.Tensor:
+        encoder.eval()
+        with torch.no_grad():
+            classes = torch.cat([head(features(x)).argmax(1) for x in inputs[n_train:].split(256)])
+        encoder.train(not frozen)
+        return classes
+
+    curve = {}
+    for step in tqdm(range(1, steps + 1), desc="probe", leave=False):
         rows = torch.tensor(rng.sample(range(n_train), min(batch_size, n_train)))
         logits = head(features(inputs[rows]))
         loss = torch.nn.functional.cross_entropy(logits, targets[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step == steps or (eval_every and step % eval_every == 0):
+            curve[step] = predicted()
     encoder.eval()
-    with torch.no_grad():
-        return torch.cat([head(features(x)).argmax(1) for x in inputs[n_train:].split(256)])
+    return curve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="feed each tower images of this many pixels a side (default: its own size; see above)",
     )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also test every N steps: the learning curve, held-out accuracy against samples seen (in the table, "
+        "the JSON and --plot; each test of --test scenes is counted in samples/s)",
+    )
     parser.add_argument("--out", help="also write the results here as JSON")
+    parser.add_argument("--plot", help="also draw the learning curve(s) into this PNG")
     args = parser.parse_args(argv)
+    if args.eval_every < 0:
+        parser.error("--eval-every must be >= 0 (0: test after the last step only)")
     for flag in ("steps", "batch_size", "train", "test", "image_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
 
+    batch = min(args.batch_size, args.train)
     drawn = task_scenes(args.task, "train", args.train) + task_scenes(args.task, "test", args.test)
     answers, groups = zip(*(labels(args.task, s) for s in drawn), strict=True)
     classes = sorted(set(answers))
@@ -166,11 +191,21 @@ def main(argv: list[str] | None = None) -> int:
         if len(pixels) != len(images):
             parser.error(f"{name} reads an image as several tiles; the probe needs one tile per image")
         start = time.perf_counter()
-        predicted = probe(
-            encoder, pixels, targets, args.train, args.steps, args.batch_size, args.lr, args.seed, args.frozen
+        curve = probe(
+            encoder,
+            pixels,
+            targets,
+            args.train,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.seed,
+            args.frozen,
+            args.eval_every,
         )
         seconds = time.perf_counter() - start
-        right = predicted == targets[args.train :]
+        held_out = targets[args.train :]
+        right = curve[args.steps] == held_out
         test_groups = groups[args.train :]
         by_group = {
             g: right[torch.tensor([x == g for x in test_groups])].float().mean().item()
@@ -185,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 "accuracy": right.float().mean().item(),
                 "by_group": by_group,
                 "seconds": seconds,
-                "samples_per_s": args.steps * min(args.batch_size, args.train) / seconds,
+                "samples_per_s": args.steps * batch / seconds,
+                "curve": [
+                    {"step": step, "samples": step * batch, "accuracy": (p == held_out).float().mean().item()}
+                    for step, p in curve.items()
+                ],
             }
         )
     groups_seen = list(results[0]["by_group"])
@@ -196,9 +235,43 @@ def main(argv: list[str] | None = None) -> int:
         size = f"{r['image_size']} px / {r['patch_size']}"
         name = f"{r['model']} (frozen)" if r["frozen"] else r["model"]
         print(f"| {name} | {size} | {100 * r['accuracy']:.1f}% | {cells} | {r['samples_per_s']:.0f} |")
+    if args.eval_every:
+        seen = " | ".join(f"{p['samples']:,}" for p in results[0]["curve"])
+        print(f"\n| model: {args.task} after N samples | {seen} |")
+        print("|---|" + "---|" * len(results[0]["curve"]))
+        for r in results:
+            print(f"| {r['model']} | " + " | ".join(f"{100 * p['accuracy']:.1f}%" for p in r["curve"]) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"task": args.task, **vars(args), "results": results}, indent=2))
+    if args.plot:
+        plot_curves(results, args.task, len(classes), args.plot)
     return 0
+
+
+def plot_curves(results: list[dict], task: str, n_classes: int, path: str) -> None:
+    """Held-out accuracy against samples seen, a line per tower, samples on a log axis (a skill's accuracy
+    grows roughly with the logarithm of its samples), chance as a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, never a window
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for r in results:
+        points = r["curve"]
+        name = f"{r['model']} (frozen)" if r["frozen"] else r["model"]
+        axis.plot(
+            [p["samples"] for p in points], [100 * p["accuracy"] for p in points], marker="o", label=name
+        )
+    axis.axhline(100 / n_classes, linestyle=":", color="grey", label="chance")
+    axis.set(
+        xscale="log", xlabel="training samples seen", ylabel=f"held-out {task} accuracy (%)", ylim=(0, 100)
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
