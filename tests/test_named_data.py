@@ -26,6 +26,7 @@ Nothing touches the network or ~/.cache.
 import io
 import json
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -652,7 +653,7 @@ def test_vqa_bad_rows_jsonl(data: Path) -> None:
     assert rows.report.reasons == Counter({"malformed line": 1})
     assert [outcome(rows, i) for i in range(3, 9)] == [
         ("BadRow", "empty question"),
-        ("BadRow", "empty question"),
+        ("BadRow", "question not text"),
         ("BadRow", "no answer"),
         ("BadRow", "no answer"),
         ("BadRow", "remote image"),
@@ -669,7 +670,8 @@ def test_vqa_bad_rows_jsonl(data: Path) -> None:
     assert report.reasons == Counter(
         {
             "unreadable image": 2,
-            "empty question": 2,
+            "empty question": 1,
+            "question not text": 1,
             "no answer": 2,
             "remote image": 1,
             "no image": 1,
@@ -1077,7 +1079,8 @@ def test_a_sliced_split_selects_the_rows_datasets_would(data: Path, suffix: str)
     else:
         write_parquet(path, table)
     builder = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
-    for split in ("train[:10%]", "train[10%:]", "train[-5:]", "train[3:7]+train[:1]", "train[:33%]"):
+    slices = ("train[:10%]", "train[10%:]", "train[-5:]", "train[3:7]+train[:1]", "train[:33%]")
+    for split in (*slices, "train[20:]+train[30:40]"):  # a piece past the end adds no row
         expected = datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)["question"]
         assert _questions(open_("vqa", path, split=split)) == expected, split
     held, rest = open_("vqa", path, split="train[:10%]"), open_("vqa", path, split="train[10%:]")
@@ -1142,6 +1145,9 @@ def test_bad_slices_fail_when_opened(data: Path) -> None:
         DataSpec("vqa", str(path), split="train[2:2]", streaming=True)
     with pytest.raises(DataError, match="selects no row"):
         open_("vqa", path, split="train[:10%]")  # 0.3 rows rounds to none
+    for split in ("train[3:]", "train[5:]", "train[10:20]"):  # starts at or past the end of 3 rows
+        with pytest.raises(DataError, match=re.escape(f"split {split!r} selects no row (train 3 rows)")):
+            open_("vqa", path, split=split)
     with pytest.raises(DataError, match="names 2 splits"):
         open_("vqa", path, split="train[:1]+test[:1]")  # a file is one split
     with pytest.raises(DataError, match="generated source is not sliced"):

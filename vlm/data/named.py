@@ -288,8 +288,10 @@ def reads_rows_of(spec: DataSpec, whole: DataSpec) -> bool:
 def _slice(spec: DataSpec, parts: Mapping[str, datasets.Dataset]) -> datasets.Dataset:
     """The rows `spec.split` selects from its whole splits `parts`, as `datasets` would select them."""
     lengths = {name: len(part) for name, part in parts.items()}
+    # `to_absolute` clamps a start past the end to the length ("train[10:]" of 4 rows: 4 to 4), which `select`
+    # refuses even for an empty range: such a piece selects no row, as `datasets` reads it.
     pieces = [
-        parts[i.splitname].select(range(i.from_, i.to))
+        parts[i.splitname].select(range(i.from_, i.to) if i.from_ < i.to else [])
         for i in datasets.ReadInstruction.from_spec(spec.split).to_absolute(lengths)
     ]
     rows = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
@@ -680,7 +682,11 @@ class Rows:
 
     def _question(self, row: dict[str, Any]) -> str:
         question = self._value(row, "question")
-        if not isinstance(question, str) or not question.strip():
+        if question is not None and not isinstance(
+            question, str
+        ):  # a number or list: columns mixed up, likely
+            raise BadRow("question not text", repr(question)[:80])
+        if question is None or not question.strip():
             raise BadRow("empty question", repr(question)[:80])
         return question.strip()
 
