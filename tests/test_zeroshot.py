@@ -79,7 +79,7 @@ def test_one_template_is_the_models_own_zero_shot_and_several_are_averaged(token
         want = torch.sigmoid(images_ @ classes.T * model.logit_scale.exp() + model.logit_bias)
     torch.testing.assert_close(label_embeddings(model, tokenizer, labels, templates), classes)
     torch.testing.assert_close(zero_shot(model, tokenizer, images, labels, templates), want)
-    with pytest.raises(ValueError, match="'\\{\\}'"):
+    with pytest.raises(ValueError, match="needs \\{\\} where the label goes"):
         zero_shot(model, tokenizer, images, labels, ("no slot",))
 
 
@@ -107,6 +107,41 @@ def test_a_model_trained_on_red_and_blue_tells_them_apart(tokenizer) -> None:
     assert recall["image_to_text@1"] == recall["text_to_image@1"] == 1.0
     with pytest.raises(ValueError, match="matching pairs"):
         retrieval(model, tokenizer, shades, ["red"])
+
+
+@pytest.mark.parametrize(
+    "template,words",
+    [
+        ("{} {}", "has 2 places for the label"),
+        ("{} {x}", "names {x}"),
+        ("{} {", "Single '{'"),
+        ("a photo", "needs {}"),
+        ("{:d}", "Unknown format code 'd'"),
+    ],
+)
+def test_a_template_that_does_not_take_one_label_is_named(tokenizer, template, words) -> None:
+    """A ValueError naming the template and what is wrong, not IndexError or KeyError from formatting."""
+    model = tiny_model(len(tokenizer))
+    with pytest.raises(ValueError) as refused:
+        zero_shot(model, tokenizer, [solid(RED)], ["a cat"], templates=["a photo of {}", template])
+    assert str(refused.value).startswith(f"template {template!r}") and words in str(refused.value)
+
+
+def test_a_template_may_number_its_label_and_double_its_braces(tokenizer) -> None:
+    model, labels = tiny_model(len(tokenizer)), ["a cat", "a dog"]
+    for template in ("a photo of {0}", "{{a}} {!s}"):  # {{a}}: the literal "{a}"
+        texts = [template.format(label) for label in labels]
+        torch.testing.assert_close(
+            label_embeddings(model, tokenizer, labels, [template]),
+            zeroshot.embed_texts(model, tokenizer, texts),
+        )
+
+
+def test_one_image_label_or_template_given_alone_is_one_not_its_letters(tokenizer) -> None:
+    model, image = tiny_model(len(tokenizer)), solid(RED)
+    want = zero_shot(model, tokenizer, [image], ["a cat"], templates=["a photo of {}"])
+    torch.testing.assert_close(zero_shot(model, tokenizer, image, "a cat", templates="a photo of {}"), want)
+    assert want.shape == (1, 1)
 
 
 def test_labels_table_and_loading(tmp_path, tokenizer, monkeypatch) -> None:

@@ -17,6 +17,7 @@ without an attention mask, as the model was trained (see `vlm/siglip_text.py`).
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from vlm.processing import ImageSource, SiglipImageProcessor
+from vlm.processing import ImageSource, SiglipImageProcessor, image_sequence
 from vlm.siglip_model import SiglipModel, retrieval_recall
 from vlm.weights import load_siglip_model, resolve_checkpoint
 
@@ -48,11 +49,12 @@ def _param(model: SiglipModel) -> torch.Tensor:
 
 @torch.inference_mode()
 def embed_images(
-    model: SiglipModel, images: torch.Tensor | Sequence[ImageSource], batch_size: int = 64
+    model: SiglipModel, images: torch.Tensor | ImageSource | Sequence[ImageSource], batch_size: int = 64
 ) -> torch.Tensor:
-    """Images (paths, PIL images, bytes, or preprocessed (B, 3, H, W) pixels) -> (B, D) L2-normalised
-    float32 embeddings. Images are preprocessed a batch at a time, so a long list never sits in memory
-    as pixels."""
+    """Images (paths, PIL images, bytes, or preprocessed (B, 3, H, W) pixels; one image is a batch of one) ->
+    (B, D) L2-normalised float32 embeddings. Images are preprocessed a batch at a time, so a long list never
+    sits in memory as pixels."""
+    images = images if isinstance(images, torch.Tensor) else image_sequence(images)
     param = _param(model)
     processor = SiglipImageProcessor(model.config.vision_config.image_size)
     out = []
@@ -82,29 +84,54 @@ def embed_texts(
     return torch.cat(out)
 
 
+def check_templates(templates: Sequence[str], what: str = "template") -> None:
+    """Refuse a template that does not format with the label alone: it needs exactly one `{}` (or `{0}`) where
+    the label goes, and a literal brace doubled (`{{`, `}}`). `ValueError` naming the template (as `what`)."""
+    for template in templates:
+        try:  # each replacement field's name: "" for {}, "x" for {x}
+            places = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as err:  # an unmatched brace
+            raise ValueError(f"{what} {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
+        if not places:
+            raise ValueError(f"{what} {template!r} needs {{}} where the label goes")
+        if named := [name for name in places if name not in ("", "0")]:
+            raise ValueError(f"{what} {template!r} names {{{named[0]}}}; it is given the label only, as {{}}")
+        if len(places) > 1:
+            raise ValueError(f"{what} {template!r} has {len(places)} places for the label: give it one {{}}")
+        try:  # a format spec or conversion a string does not take ("{:d}", "{!x}")
+            template.format("label")
+        except (ValueError, IndexError, KeyError) as err:
+            raise ValueError(f"{what} {template!r}: {err}") from None
+
+
 def label_embeddings(
     model: SiglipModel,
     tokenizer: PreTrainedTokenizerBase,
-    labels: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    labels: str | Sequence[str],
+    templates: str | Sequence[str] = DEFAULT_TEMPLATES,
 ) -> torch.Tensor:
     """(C, D) one L2-normalised embedding per label: the normalised mean over `templates` of the label's
-    normalised text embeddings (CLIP's prompt ensembling). With one template it is that text's embedding."""
+    normalised text embeddings (CLIP's prompt ensembling). With one template it is that text's embedding. A
+    string alone is one label, or one template (never its letters)."""
+    labels, templates = _texts(labels), _texts(templates)
     if not labels or not templates:
         raise ValueError("zero-shot needs at least one label and one template")
-    if any("{}" not in template for template in templates):
-        raise ValueError(f"every template needs a '{{}}' for the label, got {list(templates)}")
+    check_templates(templates)
     texts = [template.format(label) for label in labels for template in templates]
     embeds = embed_texts(model, tokenizer, texts).view(len(labels), len(templates), -1)  # (C, T, D)
     return F.normalize(embeds.mean(1), dim=-1)
 
 
+def _texts(texts: str | Sequence[str]) -> Sequence[str]:
+    return [texts] if isinstance(texts, str) else texts
+
+
 def zero_shot(
     model: SiglipModel,
     tokenizer: PreTrainedTokenizerBase,
-    images: torch.Tensor | Sequence[ImageSource],
-    labels: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    images: torch.Tensor | ImageSource | Sequence[ImageSource],
+    labels: str | Sequence[str],
+    templates: str | Sequence[str] = DEFAULT_TEMPLATES,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """(num_images, num_labels) probabilities that image i shows label j: sigmoid(t * cos + b), SigLIP's
@@ -194,6 +221,7 @@ def format_scores(labels: Sequence[str], probs: torch.Tensor) -> str:
 __all__ = [
     "DEFAULT_SIGLIP_DIR",
     "DEFAULT_TEMPLATES",
+    "check_templates",
     "embed_images",
     "embed_texts",
     "format_scores",
