@@ -91,6 +91,7 @@ def no_model_load(monkeypatch) -> None:
     monkeypatch.setattr(VisionLanguageModel, "from_pretrained", refuse)
     monkeypatch.setattr("vlm.model.load_default_model", refuse)
     monkeypatch.setattr("vlm.weights.load_vision_encoder", refuse)
+    monkeypatch.setattr("vlm.zeroshot.load_dual_encoder", refuse)
 
 
 def one_line_error(capsys: pytest.CaptureFixture, command: str) -> str:
@@ -217,6 +218,19 @@ def test_questions_and_images_are_checked_before_the_model_loads(
     assert any(word in line for word in words), line
 
 
+@pytest.mark.parametrize(
+    "template,words",
+    [("{} {}", "has 2 places"), ("{} {x}", "names {x}"), ("{} {", "Single '{'"), ("a photo", "needs {}")],
+)
+def test_a_template_that_does_not_take_one_label_is_refused_before_the_model_loads(
+    saved, capsys, no_model_load, template, words
+) -> None:
+    argv = ["zeroshot", str(saved.image), "--labels", "a cat", "--template", "a photo of {}."]
+    assert main([*argv, "--template", template]) == 2
+    line = one_line_error(capsys, "zeroshot")
+    assert f"--template {template!r}" in line and words in line, line
+
+
 def test_chat_reports_bad_bytes_on_stdin_and_keeps_the_conversation(saved, capsys, monkeypatch) -> None:
     chats = []
 
@@ -258,6 +272,30 @@ def test_output_paths_are_checked_before_any_model_loads(saved, capsys, no_model
     line = one_line_error(capsys, argv[0])
     assert "folder" in line or "file" in line, line
     assert snapshot(saved.root) == before
+
+
+@pytest.mark.parametrize("spelling", ["same", "link", "dotdot"])
+@pytest.mark.parametrize("command", ["eval", "embed"])
+def test_an_output_file_is_never_one_the_command_reads(
+    saved, tmp_path, capsys, no_model_load, command, spelling
+) -> None:
+    """`vlm eval --out` over its --data file, `vlm embed --out` over one of its images (named, or found in a
+    folder it searches): refused before the model loads, the input left as it was."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"image": str(saved.image), "question": "colour?", "answers": "red"}) + "\n")
+    image = Path(shutil.copy(saved.image, tmp_path / "red.png"))
+    target = data if command == "eval" else image
+    (tmp_path / "link").symlink_to(target)
+    spellings = {"same": target, "link": tmp_path / "link", "dotdot": tmp_path / "new" / ".." / target.name}
+    out = spellings[spelling]
+    argv = {
+        "eval": ["eval", str(saved.vlm), "--data", str(data), "--out", str(out)],
+        "embed": ["embed", str(tmp_path), "--model", str(saved.tower), "--out", str(out)],
+    }[command]
+    before = snapshot(tmp_path)
+    assert main(argv) == 2
+    assert f"--out {out} is the input file" in one_line_error(capsys, command)
+    assert snapshot(tmp_path) == before
 
 
 def test_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
@@ -508,3 +546,23 @@ def test_each_checker_keeps_good_values_and_names_bad_ones(check, good, bad) -> 
         assert err.value.name == "setting" and err.value.value is value and "\n" not in str(err.value)
     long = InvalidValue("question", "short", "why " * 10_000)
     assert len(str(long)) < 120 and "40,000 chars" in str(long)
+
+
+def test_max_new_tokens_beyond_the_context_is_named_in_one_line(saved, capsys) -> None:
+    # Not "the message is 2 tokens, more than the -99,488 this model can read": the message is not the problem.
+    assert main(["ask", "--model", str(saved.vlm), "--max-new-tokens", "100000", "hi"]) == 2
+    line = one_line_error(capsys, "ask")
+    assert "max new tokens (100,000) is larger than this model's whole context (512 tokens" in line, line
+
+
+@pytest.mark.parametrize("command", ["embed", "viz", "zeroshot"])
+def test_a_vlm_folder_given_for_a_siglip_one_is_named_as_such(saved, tmp_path, capsys, command) -> None:
+    argv = {
+        "embed": ["embed", str(saved.image), "--model", str(saved.vlm), "--out", str(tmp_path / "e")],
+        "viz": ["viz", "--model", str(saved.vlm), "--out", str(tmp_path / "viz")],
+        "zeroshot": ["zeroshot", str(saved.image), "--labels", "red,blue", "--model", str(saved.vlm)],
+    }[command]
+    assert main(argv) == 2
+    line = one_line_error(capsys, command)
+    assert f"{saved.vlm} is a vlm model folder" in line and "vlm/default_siglip" in line, line
+    assert "None" not in line

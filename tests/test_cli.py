@@ -212,7 +212,8 @@ def test_vlm_chat_through_stdin_turns_images_reset_and_quit(saved, capsys, monke
     from vlm.processing import load_image
 
     picture = saved / "picture2.png"
-    lines = ["What is it?", f"/image {picture}", "And this one?", "/reset", "What is it?", "/quit", "unread"]
+    lines = ["What is it?", f"/image {picture}", "And this one?", "/image", "/help", "/reset", "What is it?"]
+    lines += ["//reset", "/quit", "unread"]  # "//reset": the message "/reset", not the command
     stdin = io.TextIOWrapper(io.BytesIO("\n".join(lines).encode() + b"\n"), encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", stdin)
     assert main(["chat", "--model", str(saved / "m"), "--max-new-tokens", "6"]) == 0
@@ -224,7 +225,9 @@ def test_vlm_chat_through_stdin_turns_images_reset_and_quit(saved, capsys, monke
     chat = Chat(model)
     first = "".join(chat.send("What is it?", max_new_tokens=6))
     second = "".join(chat.send("And this one?", [load_image(picture)], max_new_tokens=6))
-    again = "".join(Chat(model).send("What is it?", max_new_tokens=6))
+    restarted = Chat(model)
+    again = "".join(restarted.send("What is it?", max_new_tokens=6))
+    escaped = "".join(restarted.send("/reset", max_new_tokens=6))
     # the answers tell the paths apart: without the image, or without the reset, they would differ
     assert second != "".join(Chat(model).send("And this one?", max_new_tokens=6))
     assert again == first
@@ -233,8 +236,11 @@ def test_vlm_chat_through_stdin_turns_images_reset_and_quit(saved, capsys, monke
         f"you> vlm> {first}\n"
         f"you> (image {picture} goes with your next message)\n"
         f"you> vlm> {second}\n"
+        "you> (error: /image needs the image's path: /image PATH)\n"
+        "you> (error: no command /help: /image PATH, /reset, /quit; start with // to send a /)\n"
         "you> "  # /reset
         f"you> vlm> {again}\n"
+        f"you> vlm> {escaped}\n"
         "you> "  # /quit: the line after it is never read
     )
     assert stdin.readline() == "unread\n"

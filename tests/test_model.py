@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
-from tiny import VISION, build, images, tiny_lm  # noqa: F401  (tiny_lm: other tests import it from here)
+from tiny import VISION, build, images, save_vlm, tiny_lm  # noqa: F401  (tiny_lm: other tests import it from here)
 
+from vlm.cli import main
 from vlm.conversation import IGNORE_INDEX, user
-from vlm.model import VisionLanguageModel, VLMConfig
+from vlm.lora import LoraSettings, add_lora
+from vlm.model import DEFAULT_MODEL_DIR, Chat, ContextTooLong, VisionLanguageModel, VLMConfig
 from vlm.weights import CheckpointError
 
 
@@ -191,3 +195,81 @@ def test_the_pooled_token_is_the_tower_pooled_embedding_spliced_first(parts) -> 
     )
     with pytest.raises(ValueError, match="pooling head"):
         VisionLanguageModel.build(headless, lm=(copy.deepcopy(parts[0]), copy.deepcopy(parts[1])))
+
+
+# -- a fine-tuned model's folder records its adapter --------------------------------------------------------------
+
+
+def tuned_folder(parts, lm_folder, folder):
+    """A tiny model with a LoRA adapter saved as fine-tuning saves one: config.json, then adapter/."""
+    model = build(parts)
+    settings = LoraSettings(r=2, alpha=4, dropout=0.0)
+    add_lora(model, settings)
+    return save_vlm(model, folder, lm_folder, settings)
+
+
+def test_a_model_folder_that_lost_its_adapter_is_refused_before_the_lm_loads(
+    parts, tiny_lm_folder, tmp_path, monkeypatch
+) -> None:
+    folder = tuned_folder(parts, tiny_lm_folder, tmp_path / "tuned")
+    assert json.loads((folder / "config.json").read_text())["adapter"] is True
+    assert VisionLanguageModel.from_pretrained(folder).has_adapter
+    shutil.rmtree(folder / "adapter")  # copied without it: the base weights alone would answer
+
+    def no_lm(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the LM loaded before the folder was checked")
+
+    monkeypatch.setattr("vlm.model.load_lm", no_lm)
+    with pytest.raises(CheckpointError, match=r"tuned has no adapter/ folder, but its config.json records"):
+        VisionLanguageModel.from_pretrained(folder)
+
+
+def test_folders_without_an_adapter_load_and_old_folders_load_as_before(
+    parts, tiny_lm_folder, tmp_path
+) -> None:
+    plain = save_vlm(build(parts), tmp_path / "plain", tiny_lm_folder)
+    assert json.loads((plain / "config.json").read_text())["adapter"] is False
+    assert not VisionLanguageModel.from_pretrained(plain).has_adapter
+    # Saved before the record existed: adapter/ decides, as it always has.
+    tuned = tuned_folder(parts, tiny_lm_folder, tmp_path / "old")
+    config = json.loads((tuned / "config.json").read_text())
+    del config["adapter"]
+    (tuned / "config.json").write_text(json.dumps(config))
+    assert VisionLanguageModel.from_pretrained(tuned).has_adapter
+    config["adapter"] = "yes"
+    (tuned / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="old/config.json: adapter must be true or false, got 'yes'"):
+        VisionLanguageModel.from_pretrained(tuned)
+
+
+def test_a_merged_model_records_that_it_has_no_adapter(parts, tiny_lm_folder, tmp_path) -> None:
+    tuned = tuned_folder(parts, tiny_lm_folder, tmp_path / "tuned")
+    assert main(["merge", str(tuned), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["adapter"] is False
+    assert not VisionLanguageModel.from_pretrained(tmp_path / "merged").has_adapter
+
+
+def test_the_shipped_model_records_the_adapter_it_ships_with() -> None:
+    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["adapter"] is True
+    assert (DEFAULT_MODEL_DIR / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- max_new_tokens that leaves no room for any message ------------------------------------------------------------
+
+
+def test_max_new_tokens_beyond_the_context_is_named_as_the_problem(parts) -> None:
+    vlm = build(parts)  # the tiny LM reads 512 tokens
+    with pytest.raises(
+        ContextTooLong,
+        match=r"^max new tokens \(100,000\) is larger than this model's whole context \(512 tokens",
+    ):
+        vlm.ask(None, "hi", max_new_tokens=100_000)
+    with pytest.raises(
+        ContextTooLong, match=r"^max new tokens \(512\) is as large as this model's whole context"
+    ):
+        next(Chat(vlm).send("hi", max_new_tokens=512))
+    # Room for an answer but not for this message: the message is named, as before.
+    with pytest.raises(
+        ContextTooLong, match=r"^the message is \d+ tokens, more than the 2 this model can read"
+    ):
+        vlm.ask(None, "hi", max_new_tokens=510)

@@ -252,7 +252,11 @@ def edit_weights(folder: Path, edit) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_bad_checkpoints_are_refused_with_one_clear_error(checkpoints, tmp_path, smollm2_folder):
+def test_bad_checkpoints_are_refused_with_one_clear_error(checkpoints, tmp_path, smollm2_folder, monkeypatch):
+    """... and before the checkpoint's LM is written into the cache (hundreds of MB for a real one): a refused
+    one leaves nothing there."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VLM_CACHE", str(cache))
     smol = checkpoints["smolvlm", False, False]
     llava = checkpoints["llava", False, False]
     cases = []
@@ -289,7 +293,7 @@ def test_bad_checkpoints_are_refused_with_one_clear_error(checkpoints, tmp_path,
     edit_weights(
         bad, lambda w: w.update({"model.connector.modality_projection.proj.weight": torch.zeros(3, 3)})
     )
-    cases.append((bad, "shape mismatch"))
+    cases.append((bad, "(?s)the projector in .* shape mismatch"))
 
     bad = copy_of(smol, tmp_path / "pickle")
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
@@ -298,6 +302,9 @@ def test_bad_checkpoints_are_refused_with_one_clear_error(checkpoints, tmp_path,
     for folder, message in cases:
         with pytest.raises(CheckpointError, match=message):
             VisionLanguageModel.from_pretrained(folder)
+        assert not list(cache.glob("lm/*")), folder.parent.name  # no LM written, not even part of one
+    VisionLanguageModel.from_pretrained(llava)
+    assert len(list((cache / "lm").iterdir())) == 1  # the cache the refusals would have written to
 
 
 # -- everything else takes them as it takes ours --------------------------------------------------------------

@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from vlm.embeddings import embed_files, save_embeddings
+    from vlm.processing import iter_image_files
     from vlm.weights import check_output_file, load_vision_encoder
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", apart_from=iter_image_files(args.inputs))
     encoder = load_vision_encoder(args.model, dtype=args.dtype, device=args.device)
     result = embed_files(encoder, args.inputs, pooled=not args.patches, batch_size=args.batch_size)
     for file, why in result.failures:
@@ -352,14 +353,21 @@ def _chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             chat.reset()
             continue
-        if line.startswith("/image "):
-            path = line.removeprefix("/image ").strip()
+        command = line.split(maxsplit=1)[0] if line.startswith("/") else ""
+        if command == "/image":
+            path = line.removeprefix("/image").strip()
             try:
+                if not path:
+                    raise ValueError("/image needs the image's path: /image PATH")
                 pending.append(load_image(path))
                 print(f"(image {path} goes with your next message)")
             except ValueError as err:  # ImageLoadError: named now, not after the next question
                 print(f"(error: {err})")
             continue
+        if command[1:].isalpha():  # "/help", "/imgae": a mistyped command, never sent to the model
+            print(f"(error: no command {command}: /image PATH, /reset, /quit; start with // to send a /)")
+            continue
+        line = line.removeprefix("/") if line.startswith("//") else line  # "//x": the message "/x"
         try:
             utf8_text(line, "your message")  # a file name may hold any bytes; a message goes to the tokenizer
         except ValueError as err:
@@ -403,8 +411,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.summary is not None:
         print("vlm eval: error: --summary goes with --suite", file=sys.stderr)
         return 2
-    if args.out is not None:
-        check_output_file(args.out, "--out")
+    if args.out is not None:  # predictions written over the --data file would replace the data
+        check_output_file(args.out, "--out", apart_from=[args.data])
     columns = dict(item.partition("=")[::2] for item in args.column)
     if bad := [item for item in args.column if "=" not in item or not all(item.partition("=")[::2])]:
         print(f"vlm eval: error: --column {bad[0]!r}: expected FIELD=COLUMN", file=sys.stderr)
@@ -492,12 +500,18 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from vlm.processing import load_image
-    from vlm.zeroshot import DEFAULT_TEMPLATES, format_scores, load_dual_encoder, parse_labels, zero_shot
+    from vlm.zeroshot import (
+        DEFAULT_TEMPLATES,
+        check_templates,
+        format_scores,
+        load_dual_encoder,
+        parse_labels,
+        zero_shot,
+    )
 
     labels = parse_labels(args.labels)
     templates = tuple(args.template or DEFAULT_TEMPLATES)
-    if bad := [t for t in templates if "{}" not in t]:
-        raise ValueError(f"a template needs {{}} where the label goes: {bad[0]!r}")
+    check_templates(templates, "--template")  # zero_shot checks them too, but after the model loads
     image = load_image(args.image)
     model, tokenizer = load_dual_encoder(args.model, device=args.device)
     print(format_scores(labels, zero_shot(model, tokenizer, [image], labels, templates)[0]))

@@ -41,6 +41,7 @@ from vlm.checks import (
     positive_float,
     positive_int,
     probability,
+    shorten,
 )
 from vlm.conversation import IGNORE_INDEX, Encoded, ImagePrompt, Message, encode, pad, user
 from vlm.devices import same_device
@@ -61,10 +62,19 @@ from vlm.nanovlm import is_nanovlm, read_nanovlm
 from vlm.processing import ImageProcessing, ImageSource, SiglipImageProcessor, Tiles
 from vlm.projector import Projector, ProjectorConfig
 from vlm.siglip import SiglipVisionConfig, SiglipVisionEncoder
-from vlm.transformers_format import Exportable, check_family, export, read_checkpoint, target_family
+from vlm.transformers_format import (
+    Exportable,
+    check_family,
+    checkpoint_tokenizer,
+    export,
+    read_checkpoint,
+    target_family,
+)
 from vlm.weights import (
+    VLM_FORMAT,
     CheckpointError,
     atomic_folder,
+    check_fits,
     check_output_folder,
     load_strict,
     load_vision_encoder,
@@ -74,9 +84,10 @@ from vlm.weights import (
     save_checkpoint,
 )
 
-FORMAT = "vlm.VisionLanguageModel"
+FORMAT = VLM_FORMAT  # config.json's "format" (kept in vlm.weights, whose errors name such a folder too)
 CONFIG_KEYS = {
     "format",
+    "adapter",  # written by `save_pretrained`, read by `from_pretrained`: not a `VLMConfig` field
     "vision",
     "projector",
     "lm_source",
@@ -181,10 +192,12 @@ class VLMConfig:
             raise CheckpointError(f"config.json has unknown keys: {', '.join(unknown)}")
         if missing := [key for key in ("vision", "projector") if key not in d]:
             raise CheckpointError(f"config.json lacks {', '.join(missing)}")
+        if not isinstance(d.get("adapter", False), bool):  # `from_pretrained` trusts it to be one
+            raise CheckpointError(f"adapter must be true or false, got {shorten(d['adapter'])}")
         # The nested configs are built first, then the flat fields are checked against their types (a missing
         # `freeze` means nothing frozen, as it always has).
         nested = ("format", "vision", "projector", "quantization", "image_processing")
-        flat = {key: value for key, value in d.items() if key not in nested}
+        flat = {key: value for key, value in d.items() if key not in (*nested, "adapter")}
         parts = {
             "vision": SiglipVisionConfig.from_dict(d["vision"], where="vision"),
             "projector": ProjectorConfig.from_dict(d["projector"], where="projector"),
@@ -887,10 +900,17 @@ class VisionLanguageModel(nn.Module):
             state["lm.added_lm_head"] = head.weight[self.lm_vocab_size :]
         return state
 
+    @property
+    def has_adapter(self) -> bool:
+        """Does the model carry LoRA layers (peft's `lora_A` / `lora_B` weights), on its LM or its tower?"""
+        return any(".lora_" in name for name, _ in self.named_parameters())
+
     def save_pretrained(self, directory: str | Path, format: Literal["vlm", "transformers"] = "vlm") -> Path:
         """config.json + model.safetensors (vision tower, projector, added LM rows). The LM itself is not
         copied: `lm_source` names it. A LoRA adapter on the tower is not part of these files (it is saved with
         the rest of the adapter, `vlm.lora.save_adapter`): the tower's base weights keep their checkpoint names.
+        config.json records whether the model has an adapter (`"adapter": true`), which the caller saves to
+        `directory/adapter`; `from_pretrained` refuses a folder that records one and lacks it.
 
         `format="transformers"`: a whole transformers checkpoint instead, which any engine reading transformers
         folders serves — `LlavaForConditionalGeneration` for an `mlp` projector, `Idefics3ForConditionalGeneration`
@@ -906,17 +926,16 @@ class VisionLanguageModel(nn.Module):
         state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state |= self.added_token_state()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_checkpoint(directory, self.config.to_dict(), state)
+        # Without its adapter a fine-tuned model still loads and answers, wrongly: the record lets a reload
+        # tell a folder that lost adapter/ from one that never had it.
+        save_checkpoint(directory, self.config.to_dict() | {"adapter": self.has_adapter}, state)
         return directory
 
     def _export(self, directory: str | Path) -> Path:
         target_family(self._exportable(self))  # before any copying: a model with no counterpart fails at once
         directory = check_output_folder(directory, "the exported model's folder", empty=True)
         model = self
-        if (
-            any(".lora_" in name for name, _ in self.named_parameters())
-            or self.config.quantization is not None
-        ):
+        if self.has_adapter or self.config.quantization is not None:
             from vlm.lora import merge_lora  # peft only when there is an adapter to merge
 
             model = merge_lora(copy.deepcopy(self))
@@ -971,6 +990,19 @@ class VisionLanguageModel(nn.Module):
             config = VLMConfig.from_dict(raw)
         except CheckpointError as err:  # name the file: the user has to open it
             raise CheckpointError(f"{directory / 'config.json'}: {err}") from None
+        # The folder's own files are checked before the LM loads (slow): its weights, then its adapter.
+        state = read_safetensors(directory)
+        parts: dict[str, dict[str, torch.Tensor]] = {"vision.": {}, "projector.": {}, "lm.": {}}
+        for key, value in state.items():
+            prefix = next((p for p in parts if key.startswith(p)), None)
+            if prefix is None:
+                raise CheckpointError(f"{directory}: unexpected key {key}")
+            parts[prefix][key.removeprefix(prefix)] = value
+        if raw.get("adapter") and not (directory / "adapter").is_dir():
+            raise CheckpointError(
+                f"{directory} has no adapter/ folder, but its config.json records a LoRA adapter: without it the "
+                "model would answer without its fine-tuning; copy the whole model folder, adapter/ included"
+            )
         if lm_source is not None:
             config = replace(config, lm_source=lm_source)
         elif (
@@ -985,13 +1017,6 @@ class VisionLanguageModel(nn.Module):
         # records that; the log line compares it with the record.
         model.config = replace(model.config, quantization=quantization_of(model.lm))
         log_quantization(recorded, model.config.quantization, str(directory))
-        state = read_safetensors(directory)
-        parts: dict[str, dict[str, torch.Tensor]] = {"vision.": {}, "projector.": {}, "lm.": {}}
-        for key, value in state.items():
-            prefix = next((p for p in parts if key.startswith(p)), None)
-            if prefix is None:
-                raise CheckpointError(f"{directory}: unexpected key {key}")
-            parts[prefix][key.removeprefix(prefix)] = value
         load_strict(model.vision, parts["vision."], f"the vision tower in {directory}", assign=True)
         load_strict(model.projector, parts["projector."], f"the projector in {directory}", assign=True)
         model.load_added_token_state(parts["lm."], directory)
@@ -1016,12 +1041,21 @@ class VisionLanguageModel(nn.Module):
         checkpoint as given (hub id or folder), so a fine-tuned model saved in our format reloads it."""
         if quantization is AS_SAVED:
             quantization = None
-        lm = (
-            lm
-            if lm is not None
-            else load_lm(source if not Path(source).expanduser().exists() else folder, dtype, quantization)
-        )
-        imported = read_nanovlm(folder) if is_nanovlm(read_config(folder)) else read_checkpoint(folder, lm[1])
+        # The checkpoint is read and checked before `load_lm`, which writes its LM into the cache: a refused
+        # checkpoint leaves nothing behind. Its tokenizer is the one `load_lm` will give.
+        if is_nanovlm(read_config(folder)):
+            imported = read_nanovlm(folder)
+        else:
+            imported = read_checkpoint(folder, lm[1] if lm is not None else checkpoint_tokenizer(folder))
+        with torch.device("meta"):  # the tower's and projector's shapes alone, to check their tensors against
+            vision, projector = SiglipVisionEncoder(imported.vision), Projector(imported.projector)
+        for module, state, what in (
+            (vision, imported.vision_state, "the vision tower"),
+            (projector, imported.projector_state, "the projector"),
+        ):
+            check_fits({k: v.shape for k, v in module.state_dict().items()}, state, f"{what} in {folder}")
+        if lm is None:
+            lm = load_lm(source if not Path(source).expanduser().exists() else folder, dtype, quantization)
         config = VLMConfig(
             vision=imported.vision, projector=imported.projector, lm_source=source, image_token=imported.image_token,
             vision_feature_layer=imported.vision_feature_layer, image_processing=imported.image_processing,
@@ -1137,10 +1171,19 @@ class ContextTooLong(ValueError):
     """The newest turn alone does not fit the LM's context with room for the answer."""
 
     def __init__(self, length: int, budget: int, max_new_tokens: int) -> None:
-        super().__init__(
-            f"the message is {length:,} tokens, more than the {budget:,} this model can read with "
-            f"{max_new_tokens} tokens left to answer"
-        )
+        context = budget + max_new_tokens
+        if budget <= 0:  # no message could fit: "more than the -91,808 ..." would blame the message
+            message = (
+                f"max new tokens ({max_new_tokens:,}) is "
+                f"{'as large as' if budget == 0 else 'larger than'} this model's whole context "
+                f"({context:,} tokens, which the message shares): ask for fewer new tokens"
+            )
+        else:
+            message = (
+                f"the message is {length:,} tokens, more than the {budget:,} this model can read with "
+                f"{max_new_tokens} tokens left to answer"
+            )
+        super().__init__(message)
         self.length, self.budget, self.max_new_tokens = length, budget, max_new_tokens
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from vlm.processing import ImageProcessing
 from vlm.projector import ProjectorConfig
 from vlm.siglip import SiglipVisionConfig
 from vlm.weights import check_fits, read_config, read_json, read_safetensors
+
+if TYPE_CHECKING:  # transformers is imported where it is used: this module's readers do not need it
+    from transformers import PreTrainedTokenizerBase
 
 IDEFICS3 = ("idefics3", "smolvlm")
 FAMILIES = (*IDEFICS3, "llava")
@@ -324,11 +327,22 @@ def chat_template(folder: Path) -> str | None:
 # -- the LM, as a standalone transformers folder ----------------------------------------------------------
 
 
+def checkpoint_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer with its processor's chat template: what `write_lm` saves beside the LM."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    template = chat_template(folder)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
 def write_lm(folder: Path, out: Path) -> None:
     """Write the checkpoint's LM to `out` as a causal-LM folder (config.json, model.safetensors, tokenizer with
     the processor's chat template, generation config), every LM tensor checked against the architecture first."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     family = check_family(read_config(folder), folder)
     text_config = hf_config(folder).text_config
@@ -349,11 +363,7 @@ def write_lm(folder: Path, out: Path) -> None:
     save_file(
         {k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"}
     )
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    template = chat_template(folder)
-    if template is not None:
-        tokenizer.chat_template = template
-    tokenizer.save_pretrained(out)
+    checkpoint_tokenizer(folder).save_pretrained(out)
     if (folder / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(folder).save_pretrained(out)
 

@@ -181,13 +181,29 @@ def raise_problems(header: str, problems: list[tuple[str, list[str]]]) -> None:
 # --- the SigLIP vision tower: transformers' `SiglipVisionModel` (or the vision half of a `SiglipModel`) --------
 
 
+# A vlm model folder's config.json "format" (`vlm.model.FORMAT`): here, below the model, so that the SigLIP
+# loaders can name such a folder when it is given for a SigLIP one.
+VLM_FORMAT = "vlm.VisionLanguageModel"
+
+
+def not_siglip(config: dict[str, Any], folder: Path, expected: str) -> CheckpointError:
+    """The error for a folder that is not the SigLIP checkpoint asked for: what it holds, then `expected`. A
+    vlm model folder (which has no model_type) is named as one, with the SigLIP folder to give instead."""
+    if config.get("format") == VLM_FORMAT:
+        return CheckpointError(
+            f"{folder} is a vlm model folder (a whole vision-language model), not a SigLIP checkpoint: give a "
+            "SigLIP folder, e.g. the shipped vlm/default_siglip"
+        )
+    model_type = config.get("model_type")
+    what = f"holds a {model_type!r} checkpoint" if model_type else "has no model_type in its config.json"
+    return CheckpointError(f"{folder} {what}; {expected}")
+
+
 def vision_config_from(config: dict[str, Any], folder: Path) -> SiglipVisionConfig:
     """The vision tower's config from a `SiglipModel` or `SiglipVisionModel` `config.json` dict."""
-    model_type = config.get("model_type")
-    if model_type not in ("siglip", "siglip_vision_model"):
-        raise CheckpointError(
-            f"{folder} holds a {model_type!r} checkpoint; expected a SigLIP one "
-            "(model_type 'siglip' or 'siglip_vision_model')"
+    if config.get("model_type") not in ("siglip", "siglip_vision_model"):
+        raise not_siglip(
+            config, folder, "expected a SigLIP one (model_type 'siglip' or 'siglip_vision_model')"
         )
     try:
         return SiglipVisionConfig.from_dict(config)
@@ -242,9 +258,10 @@ def save_vision_encoder(encoder: SiglipVisionEncoder, directory: str | Path) -> 
 def siglip_config_from(config: dict[str, Any], folder: Path) -> SiglipConfig:
     """The dual encoder's config from a `SiglipModel` `config.json` dict (model_type "siglip")."""
     if config.get("model_type") != "siglip":
-        raise CheckpointError(
-            f"{folder} holds a {config.get('model_type')!r} checkpoint; a SigLIP dual encoder needs a "
-            "'siglip' one (a SiglipModel with text_config and vision_config)"
+        raise not_siglip(
+            config,
+            folder,
+            "a SigLIP dual encoder needs a 'siglip' one (a SiglipModel with text_config and vision_config)",
         )
     try:
         return SiglipConfig.from_dict(config)
@@ -296,12 +313,21 @@ def save_checkpoint(directory: Path, config: dict[str, Any], state: dict[str, to
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def check_output_file(path: str | Path, what: str = "the output file") -> Path:
-    """Refuse, before any work, a file path that cannot be written: an existing folder, or a parent that is a
-    file or not writable. Nothing is created. Returns the path."""
+def check_output_file(
+    path: str | Path, what: str = "the output file", apart_from: Iterable[str | Path] = ()
+) -> Path:
+    """Refuse, before any work, a file path that cannot be written: an existing folder, a parent that is a
+    file or not writable, or (with `apart_from`, the files the work reads) one of those files, which writing
+    would replace. Nothing is created. Returns the path."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give the path of a file")
+    target = path.resolve()  # a link, or another spelling ("./x", "sub/../x"), names the same file
+    for source in apart_from:
+        if Path(source).expanduser().resolve() == target:
+            raise ValueError(
+                f"{what} {path} is the input file {source}; give another path (in place is refused)"
+            )
     _check_creatable(path.parent, what, path)
     return path
 
