@@ -46,8 +46,11 @@ from demo.handlers import (
     Handlers,
     Settings,
 )
+from vlm.checks import InvalidValue
+from vlm.cli import CommandParser, checked
 from vlm.devices import DTYPES, resolve_device, resolve_dtype
 from vlm.model import DEFAULT_MODEL_DIR, VisionLanguageModel, load_default_model
+from vlm.weights import read_config, resolve_checkpoint, siglip_config_from
 from vlm.zeroshot import DEFAULT_SIGLIP_DIR, DEFAULT_TEMPLATES, load_dual_encoder
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -374,6 +377,21 @@ def build_app(
 # -- serving -----------------------------------------------------------------------------------------------------
 
 
+def port_number(value: int, name: str) -> int:
+    """A TCP port to serve on, 0-65535 (0: one the OS picks; a `vlm.checks` checker). Checked before the model
+    loads: Gradio would only refuse it once the model is loaded."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise InvalidValue(name, "an integer in 0-65535", value)
+    return value
+
+
+def check_dual_encoder(siglip_dir: str) -> None:
+    """Refuse, before the VLM loads, a `--siglip` that is no SigLIP dual encoder: no such folder (or hub id), no
+    config.json, or a config of another model (`vlm.weights`' errors). Only the config is read."""
+    folder = resolve_checkpoint(siglip_dir)
+    siglip_config_from(read_config(folder), folder)
+
+
 def load_model(
     model_dir: str | None = None,
     device: torch.device | str | None = None,
@@ -419,8 +437,11 @@ def launch(
     the dual encoder stays float32); a given `model` stays where it is, and the dual encoder goes there.
     With `block=False` returns at once, the server running in a background thread (tests; stop it with
     `app.close()`)."""
+    port_number(port, "port")
     if model is None:
         device = resolve_device(device)
+        if siglip_dir is not None:  # named now, as a bad --model is, not after the model's slow load
+            check_dual_encoder(siglip_dir)
         print(f"Loading the model ({model_dir or 'project default'}) on {device}…", flush=True)
         start = time.perf_counter()
         model, model_info = load_model(model_dir, device, resolve_dtype(dtype, device))
@@ -460,14 +481,15 @@ def launch(
 
 def main(argv: list[str] | None = None) -> int:
     """`python demo/app.py`, `vlm demo` (an entry point: `vlm.commands` in pyproject.toml) and `make demo`."""
-    parser = argparse.ArgumentParser(
+    # One line for a bad flag, as every `vlm` command (`CommandParser`), and before anything loads.
+    parser = CommandParser(
         prog="vlm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="a saved VLM folder or hub id (default: the project's default model)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"
     )
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=checked(port_number, int), default=7860, help="0-65535")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument(
         "--siglip",
@@ -487,13 +509,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     chosen = {name: getattr(args, name) for name in ("device", "dtype") if name in args}
-    try:  # a device this machine lacks: one line, before anything loads
+    # Bad input is one line, as `vlm demo` prints it (`vlm.cli.main`) for `python demo/app.py` too: a device this
+    # machine lacks before anything loads, a missing --model or --siglip before the model loads.
+    try:
         if "device" in chosen:
             chosen["device"] = resolve_device(chosen["device"], "--device")
-    except ValueError as err:
+        launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip, **chosen)
+    except (ValueError, OSError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    launch(args.model, host=args.host, port=args.port, share=args.share, siglip_dir=args.siglip, **chosen)
     return 0
 
 

@@ -700,3 +700,32 @@ def test_the_shipped_model_and_encoder_name_shape_and_colour_through_the_api(def
             assert picked == f"a {colour} shape", example.file
     finally:
         app.close()
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--port", "-1"], "argument --port: must be an integer in 0-65535, got '-1'"),
+        (["--port", "99999"], "argument --port: must be an integer in 0-65535, got '99999'"),
+        (["--siglip", "{tmp}/missing"], "no checkpoint folder at {tmp}/missing"),
+        (["--siglip", str(DEFAULT_MODEL_DIR)], f"{DEFAULT_MODEL_DIR} is a vlm model folder"),
+    ],
+    ids=["port-negative", "port-too-big", "siglip-missing", "siglip-a-vlm"],
+)
+def test_a_bad_port_or_siglip_is_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path, flags, named):
+    """Gradio refuses a port past 65535 (OverflowError) and `load_dual_encoder` a bad folder only after the
+    model has loaded; both are named first, in one line, as `vlm demo` and `python demo/app.py` print it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(demo_app, "load_model", refuse)
+    try:
+        code = demo_app.main([flag.format(tmp=tmp_path) for flag in flags])
+    except SystemExit as done:  # argparse's refusal of a flag
+        code = done.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith(f"vlm demo: error: {named.format(tmp=tmp_path)}")
+    assert len(captured.err.strip().splitlines()) == 1 and "Loading the model" not in captured.out
+    with pytest.raises(ValueError, match="port must be an integer in 0-65535, got 70000"):
+        launch(port=70_000, block=False)  # the API too, before the model loads
