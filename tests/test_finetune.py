@@ -733,7 +733,9 @@ def test_an_init_models_adapter_is_trained_on_only_as_the_config_describes_it(
     ]:
         assert ft.main([*base, *flags]) == 2
         (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-        assert error.startswith("error: model.init's LoRA adapter") and differs in error and "vlm merge" in error
+        assert (
+            error.startswith("error: model.init's LoRA adapter") and differs in error and "vlm merge" in error
+        )
         assert not (tmp_path / "run" / "final").exists()
 
     cfg = load_config(ft.FinetuneConfig, None, [*base, "--lora.r=4", "--lora.alpha=8", "--lora.dropout=0.25"])
