@@ -247,6 +247,12 @@ def test_a_merged_model_records_that_it_has_no_adapter(parts, tiny_lm_folder, tm
     assert main(["merge", str(tuned), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["adapter"] is False
     assert not VisionLanguageModel.from_pretrained(tmp_path / "merged").has_adapter
+    # the adapter copied in beside the merged weights would be applied a second time
+    shutil.copytree(tuned / "adapter", tmp_path / "merged" / "adapter")
+    with pytest.raises(
+        CheckpointError, match="merged has an adapter/ folder, but its config.json records none"
+    ):
+        VisionLanguageModel.from_pretrained(tmp_path / "merged")
 
 
 def test_the_shipped_model_records_the_adapter_it_ships_with() -> None:

@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument(
         "model", nargs="?", help="a saved VLM folder (default: the project's default model)"
     )
-    evaluate.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa", help="the data's kind")
+    evaluate.add_argument(
+        "--task", choices=["vqa", "caption", "chat"], default="vqa", help="the data's kind (default: vqa)"
+    )
     evaluate.add_argument(
         "--data",
         default="easy-vqa",
         help="as a config's data.name: easy-vqa or another packaged source, a .jsonl/.json/.parquet/.csv "
-        "file, a folder, or a hub id",
+        "file, a folder, or a hub id (default: easy-vqa, all 9,673 test questions unless --limit)",
     )
     evaluate.add_argument("--subset", help="the hub dataset's configuration")
     evaluate.add_argument(

@@ -1003,6 +1003,12 @@ class VisionLanguageModel(nn.Module):
                 f"{directory} has no adapter/ folder, but its config.json records a LoRA adapter: without it the "
                 "model would answer without its fine-tuning; copy the whole model folder, adapter/ included"
             )
+        if raw.get("adapter") is False and (directory / "adapter").is_dir():  # e.g. a merged model's folder
+            raise CheckpointError(
+                f"{directory} has an adapter/ folder, but its config.json records none (a merged model's does): "
+                "loading it would add a LoRA update the weights may already hold; remove adapter/ or load the "
+                "folder it came from"
+            )
         if lm_source is not None:
             config = replace(config, lm_source=lm_source)
         elif (
