@@ -246,9 +246,10 @@ def _embed(args: argparse.Namespace) -> int:
     from vlm.processing import iter_image_files
     from vlm.weights import check_output_file, load_vision_encoder
 
-    check_output_file(args.out, "--out", apart_from=iter_image_files(args.inputs))
+    files = iter_image_files(args.inputs)  # listed once: to keep --out off them, then to embed them
+    check_output_file(args.out, "--out", apart_from=files)
     encoder = load_vision_encoder(args.model, dtype=args.dtype, device=args.device)
-    result = embed_files(encoder, args.inputs, pooled=not args.patches, batch_size=args.batch_size)
+    result = embed_files(encoder, files, pooled=not args.patches, batch_size=args.batch_size)
     for file, why in result.failures:
         print(f"skipped {file}: {why}", file=sys.stderr)
     if not result.files:

@@ -86,22 +86,25 @@ def adapter_differences(model: nn.Module, settings: LoraSettings) -> list[str]:
     if alphas != [settings.alpha]:
         differences.append(f"alpha {'/'.join(map(str, alphas))}, not {settings.alpha}")
     inside = tuple(f"{name}." for name in adapted)  # a LoRA layer's own parts (base_layer, lora_A, ...)
+    # what peft's LoRA adapts here: linear layers (bitsandbytes' too), or the LoRA layers that wrap them
+    linear = (nn.Linear, LoraLayer)
     wanted = {
         name
         for name, module in model.named_modules()
-        if isinstance(
-            module, (nn.Linear, LoraLayer)
-        )  # what peft's LoRA adapts here (bitsandbytes' layers too)
-        and re.fullmatch(settings.target, name)
-        and not name.startswith(inside)
+        if isinstance(module, linear) and re.fullmatch(settings.target, name) and not name.startswith(inside)
     }
     if wanted != set(adapted):
-        lacking, extra = sorted(wanted - set(adapted)), sorted(set(adapted) - wanted)
+        lacking, extra = wanted - set(adapted), set(adapted) - wanted
         differences.append(
-            f"target: {len(lacking)} modules it lacks ({', '.join(lacking[:2])}{', ...' if len(lacking) > 2 else ''})"
-            f" and {len(extra)} the target would not adapt ({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''})"
+            f"target: {len(lacking)} modules it lacks ({_first(lacking)}) and {len(extra)} the target would not "
+            f"adapt ({_first(extra)})"
         )
     return differences
+
+
+def _first(names: set[str]) -> str:
+    """The first two of `names`, for a message ("a, b, ..." when there are more)."""
+    return ", ".join(sorted(names)[:2]) + (", ..." if len(names) > 2 else "")
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

@@ -682,9 +682,8 @@ class Rows:
 
     def _question(self, row: dict[str, Any]) -> str:
         question = self._value(row, "question")
-        if question is not None and not isinstance(
-            question, str
-        ):  # a number or list: columns mixed up, likely
+        # a number or a list is no empty question: more likely columns mixed up
+        if question is not None and not isinstance(question, str):
             raise BadRow("question not text", repr(question)[:80])
         if question is None or not question.strip():
             raise BadRow("empty question", repr(question)[:80])
